@@ -1,0 +1,1 @@
+"""Settings profiles: `embedded` (default, no services) and `production` (environment)."""
