@@ -1,0 +1,1 @@
+"""Behaviour: the training state machine, aggregation, uncertainty, notifications, tasks."""

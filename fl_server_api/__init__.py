@@ -1,0 +1,1 @@
+"""HTTP: thin DRF views over the services, serializers, URLs and the OpenAPI schema."""

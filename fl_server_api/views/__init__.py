@@ -1,0 +1,1 @@
+"""API views: each parses the request, calls one service and shapes the answer."""

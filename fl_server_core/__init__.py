@@ -1,0 +1,1 @@
+"""Data layer: users, models, trainings, metrics, the model store and safe serialization."""

@@ -1,0 +1,141 @@
+"""Django admin for operators: trainings, models, metrics, users."""
+
+from django.contrib import admin
+from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
+from django.db.models import Count, QuerySet
+from django.http import HttpRequest
+
+from fl_server_core.models import Blob, Metric, Model, SWAGUpdate, Training, User
+
+
+@admin.register(User)
+class UserAdmin(BaseUserAdmin):
+    """Users with their actor and client roles."""
+
+    list_display = ("username", "email", "actor", "client", "message_endpoint", "is_staff", "is_active")
+    list_filter = ("actor", "client", "is_staff", "is_superuser", "is_active", "groups")
+    search_fields = ("username", "email", "first_name", "last_name", "id")
+    readonly_fields = ("id",)
+    fieldsets = (
+        *BaseUserAdmin.fieldsets,
+        ("Federated learning", {"fields": ("id", "actor", "client", "message_endpoint")}),
+    )
+    add_fieldsets = (
+        *BaseUserAdmin.add_fieldsets,
+        ("Federated learning", {"fields": ("actor", "client", "message_endpoint")}),
+    )
+
+
+class ReadOnlyInline(admin.TabularInline):
+    """An inline that shows rows without editing them."""
+
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        """Rows are created by the API only."""
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        """Rows are immutable here."""
+        return False
+
+
+@admin.register(Training)
+class TrainingAdmin(admin.ModelAdmin):
+    """Trainings with their state, round and participants."""
+
+    list_display = (
+        "id", "model_name", "actor", "state", "current_round", "target_num_updates", "participants_count",
+        "aggregation_method", "uncertainty_method", "last_update",
+    )  # fmt: skip
+    list_filter = ("state", "aggregation_method", "uncertainty_method", "locked")
+    search_fields = ("id", "model__name", "actor__username")
+    readonly_fields = ("id", "model", "created_at", "last_update", "error_reason")
+    filter_horizontal = ("participants",)
+    list_select_related = ("model", "actor")
+    date_hierarchy = "created_at"
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Training]:
+        """Count participants in the same query."""
+        return super().get_queryset(request).annotate(n_participants=Count("participants", distinct=True))
+
+    @admin.display(description="model", ordering="model__name")
+    def model_name(self, training: Training) -> str:
+        """Name of the global model."""
+        return training.model.name
+
+    @admin.display(description="round", ordering="model__round")
+    def current_round(self, training: Training) -> int:
+        """Rounds aggregated so far."""
+        return training.model.round
+
+    @admin.display(description="participants", ordering="n_participants")
+    def participants_count(self, training: Training) -> int:
+        """Number of participants."""
+        return training.n_participants
+
+
+class MetricInline(ReadOnlyInline):
+    """Metrics of a model."""
+
+    model = Metric
+    fields = ("key", "value_float", "step", "reporter", "created_at")
+    readonly_fields = fields
+
+
+@admin.register(Model)
+class ModelAdmin(admin.ModelAdmin):
+    """Models of every kind; weight metadata is read-only (weights live in the model store)."""
+
+    list_display = ("name", "kind", "owner", "round", "parameter_count", "size_bytes", "sample_size", "created_at")
+    list_filter = ("kind", "weights_format", "created_at")
+    search_fields = ("id", "name", "owner__username")
+    list_select_related = ("owner", "weights")
+    readonly_fields = (
+        "id", "kind", "round", "base_model", "sample_size", "weights", "weights_format", "tensor_spec",
+        "parameter_count", "archive", "preprocessing", "swag_first_moment", "swag_second_moment", "input_shape",
+        "created_at", "updated_at",
+    )  # fmt: skip
+    fields = ("name", "description", "owner", "members", *readonly_fields)
+    filter_horizontal = ("members",)
+    inlines = (MetricInline,)
+
+    @admin.display(description="size (bytes)")
+    def size_bytes(self, model: Model) -> int | None:
+        """Size of the stored weights."""
+        return model.weights.size if model.weights_id else None
+
+
+@admin.register(Metric)
+class MetricAdmin(admin.ModelAdmin):
+    """Metric values."""
+
+    list_display = ("key", "value_float", "step", "model", "reporter", "created_at")
+    list_filter = ("key",)
+    search_fields = ("key", "model__name", "reporter__username")
+    list_select_related = ("model", "reporter")
+    readonly_fields = ("model", "key", "value_float", "value_binary", "step", "reporter", "created_at")
+
+
+@admin.register(SWAGUpdate)
+class SWAGUpdateAdmin(admin.ModelAdmin):
+    """SWAG statistics uploaded by clients."""
+
+    list_display = ("base_model", "owner", "round", "sample_size", "created_at")
+    list_filter = ("round",)
+    readonly_fields = ("base_model", "owner", "round", "sample_size", "first_moment", "second_moment", "created_at")
+
+
+@admin.register(Blob)
+class BlobAdmin(admin.ModelAdmin):
+    """Objects in the model store (read-only)."""
+
+    list_display = ("key", "size", "sha256", "created_at")
+    search_fields = ("key", "sha256")
+    readonly_fields = ("key", "size", "sha256", "created_at")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        """Objects are written by the server only."""
+        return False

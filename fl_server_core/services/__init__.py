@@ -1,0 +1,1 @@
+"""Write operations of the data layer (business rules live here, not in views)."""
