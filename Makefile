@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: venv run worker test test-postgres lint format migrate superuser clean
+.PHONY: venv run worker test lint format migrate superuser clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,6 @@ superuser: migrate
 
 test: venv  ## the whole suite (SQLite, or PostgreSQL when DATABASE_URL is set)
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
-
-test-postgres: venv
-	DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/fl_server} $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

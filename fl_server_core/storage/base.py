@@ -93,7 +93,7 @@ def metadata_key(key: str) -> str:
 
 
 def encode_metadata(metadata: dict[str, Any]) -> bytes:
-    """Serialise metadata to JSON bytes; raise TypeError for a non-dict or a non-JSON-serialisable value."""
+    """Serialise metadata to JSON bytes; TypeError for a non-dict or non-JSON value, ValueError for NaN/inf."""
     if not isinstance(metadata, dict):
         raise TypeError(f"Model metadata must be a dict, not {type(metadata).__name__}")
     return json.dumps(metadata, sort_keys=True, allow_nan=False).encode("utf-8")
