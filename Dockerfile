@@ -8,6 +8,8 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt gunicorn==23.0.0
 
 COPY . .
+RUN SECRET_KEY=build ALLOWED_HOSTS=build DATABASE_URL=sqlite:////tmp/build.sqlite3 CELERY_BROKER_URL=redis://build \
+    python manage.py collectstatic --noinput
 RUN useradd --create-home fl && chown -R fl /app
 USER fl
 
