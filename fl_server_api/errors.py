@@ -55,3 +55,8 @@ def json_not_found(request: HttpRequest, exception: Exception | None = None) -> 
 def json_server_error(request: HttpRequest) -> JsonResponse:
     """500 as JSON."""
     return JsonResponse({"detail": "Internal server error."}, status=500)
+
+
+def api_not_found(request: HttpRequest) -> JsonResponse:
+    """Catch-all of the API's URLs: unknown paths are a JSON 404, with DEBUG on too."""
+    return json_not_found(request)

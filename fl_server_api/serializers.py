@@ -7,6 +7,7 @@ from django.contrib.auth.models import Group
 from django.contrib.auth.password_validation import validate_password
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.authtoken.models import Token
 
 from fl_server_core.models import AggregationMethod, Metric, Model, Training, UncertaintyMethod, User
 
@@ -26,7 +27,8 @@ class UserSerializer(serializers.ModelSerializer):
         request = self.context.get("request")
         if request is None or request.user.pk != user.pk:
             return None
-        return user.auth_token.key
+        token = Token.objects.filter(user=user).first()  # an operator may have revoked it
+        return token.key if token else None
 
 
 class UserCreateSerializer(serializers.ModelSerializer):

@@ -320,6 +320,8 @@ def load_global_model(data: bytes, allow_pickle: bool = False) -> torch.nn.Modul
                 _pickle_message("The upload is a raw Python pickle.", global_model=True), global_model=True
             ) from None
         fmt = FORMAT_STATE_DICT  # a raw / legacy pickle, loaded below like a torch.save file
+    except ModelFormatError:
+        raise ModelFormatError("Unrecognized file: it is not a TorchScript archive. " + _GLOBAL_MODEL_HOWTO) from None
     if fmt == FORMAT_TORCHSCRIPT:
         return _jit_load(data)
     if fmt == FORMAT_SAFETENSORS:

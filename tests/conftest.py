@@ -19,6 +19,12 @@ def memory_model_store(settings: Any) -> None:
     settings.FL_MODEL_STORE = {"BACKEND": "memory", "OPTIONS": {}}
 
 
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings: Any) -> None:
+    """Hashing stays real but cheap: the production hasher's deliberate slowness would dominate the run."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def make_user(db: None) -> Callable[..., User]:
     """Create users: `make_user("alice", client=True)`."""

@@ -41,9 +41,15 @@ def _check_round(training: Training, user: User, round_number: int, expected_sta
         raise ConflictError(f"You already uploaded {kind} for round {round_number}.")
 
 
-def _positive(name: str, value: int) -> None:
+MAX_SAMPLE_SIZE = 2**63 - 1  # PositiveBigIntegerField
+MAX_STEP = 2**31 - 1  # PositiveIntegerField (Metric.step)
+
+
+def _positive(name: str, value: int, maximum: int = MAX_SAMPLE_SIZE) -> None:
     if value < 1:
         raise InvalidInputError(f"{name} must be a positive integer.")
+    if value > maximum:
+        raise InvalidInputError(f"{name} must be at most {maximum}.")
 
 
 def accept_local_update(
@@ -124,6 +130,8 @@ def report_metrics(
     """Record metrics a participant (or the model's owner) reports for a model."""
     if not pairs:
         raise InvalidInputError("metric_names: at least one metric is required.")
+    if step is not None and not 0 <= step <= MAX_STEP:
+        raise InvalidInputError(f"step: must be between 0 and {MAX_STEP}.")
     training = training_of_model(model) if model.is_global else None
     allowed = model.owner_id == user.pk or (training is not None and is_participant(user, training))
     if not allowed:

@@ -30,8 +30,12 @@ def get_text(data: Any, key: str, required: bool = True, max_length: int = 256) 
     return value.strip()
 
 
-def get_int(data: Any, key: str, minimum: int = 0) -> int:
-    """An integer field of at least `minimum`."""
+MAX_INT32 = 2**31 - 1
+MAX_INT64 = 2**63 - 1
+
+
+def get_int(data: Any, key: str, minimum: int = 0, maximum: int = MAX_INT32) -> int:
+    """An integer field between `minimum` and `maximum` (defaults fit a database integer column)."""
     value = data.get(key)
     if value is None or value == "":
         raise InvalidInputError(f"{key}: this field is required.")
@@ -41,6 +45,8 @@ def get_int(data: Any, key: str, minimum: int = 0) -> int:
         raise InvalidInputError(f"{key}: {value!r} is not an integer.") from None
     if number < minimum:
         raise InvalidInputError(f"{key}: must be at least {minimum}.")
+    if number > maximum:
+        raise InvalidInputError(f"{key}: must be at most {maximum}.")
     return number
 
 

@@ -5,6 +5,7 @@ import uuid
 from django.http import HttpResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -12,7 +13,7 @@ from rest_framework.views import APIView
 
 from fl_server_ai import trainer
 from fl_server_api.serializers import DetailSerializer, MetricSerializer, ModelMetadataSerializer, ModelSerializer
-from fl_server_api.views.common import get_int, get_list, get_model, get_text, read_upload
+from fl_server_api.views.common import MAX_INT64, get_int, get_list, get_model, get_text, read_upload
 from fl_server_core.exceptions import InvalidInputError, PermissionDeniedError
 from fl_server_core.models import Model, ModelKind
 from fl_server_core.selectors import can_manage_model, can_read_model, visible_models
@@ -84,7 +85,10 @@ class ModelListView(APIView):
         data = request.data
         name = get_text(data, "name")
         description = get_text(data, "description", required=False, max_length=10_000)
-        if str(data.get("type", "GLOBAL")).upper() == ModelKind.MEAN:
+        kind = str(data.get("type") or ModelKind.GLOBAL).strip().upper()
+        if kind not in (ModelKind.GLOBAL, ModelKind.MEAN):
+            raise InvalidInputError(f"type: must be GLOBAL or MEAN, got {data.get('type')!r}.")
+        if kind == ModelKind.MEAN:
             members = [self._member(request, pk) for pk in get_list(data, "models")]
             model = model_services.create_mean_model(request.user, name, description, members)
         else:
@@ -109,10 +113,27 @@ class ModelListView(APIView):
         return model
 
 
+class _NoFormatOverride:
+    """DRF settings with the `?format=` renderer override switched off."""
+
+    URL_FORMAT_OVERRIDE = None
+
+
+class DownloadFormatNegotiation(DefaultContentNegotiation):
+    """Content negotiation that leaves `?format=` to the view, where it picks the download format.
+
+    DRF's default negotiation reads `?format=` as a renderer name and answers 404 for unknown names
+    such as `safetensors`.
+    """
+
+    settings = _NoFormatOverride()
+
+
 class ModelDetailView(APIView):
     """Download a model, upload a local update for it, or delete it."""
 
     parser_classes = [MultiPartParser]
+    content_negotiation_class = DownloadFormatNegotiation
 
     @extend_schema(
         parameters=[OpenApiParameter("format", str, enum=["torchscript", "safetensors"], required=False)],
@@ -140,10 +161,15 @@ class ModelDetailView(APIView):
         model = get_model(pk)
         data = request.data
         owner = data.get("owner")
-        if owner not in (None, "") and str(owner) != str(request.user.pk):
-            raise PermissionDeniedError("owner: you can only upload your own updates.")
+        if owner not in (None, ""):
+            try:
+                owner_id = uuid.UUID(str(owner).strip())
+            except ValueError:
+                raise InvalidInputError(f"owner: {owner!r} is not a valid user id.") from None
+            if owner_id != request.user.pk:
+                raise PermissionDeniedError("owner: you can only upload your own updates.")
         round_number = get_int(data, "round")
-        sample_size = get_int(data, "sample_size", minimum=1)
+        sample_size = get_int(data, "sample_size", minimum=1, maximum=MAX_INT64)
         metrics = model_services.parse_metrics(get_list(data, "metric_names"), get_list(data, "metric_values"))
         update = read_upload(request, "model_file")
         trainer.accept_local_update(model, request.user, round_number, sample_size, update, metrics)
@@ -195,7 +221,14 @@ class ModelMetricsView(APIView):
         model = get_model(pk)
         data = request.data
         names = get_list(data, "metric_names")
-        values = get_list(data, "metric_values") + [request.FILES[n] for n in names if n in request.FILES]
+        texts = get_list(data, "metric_values")
+        file_slots = [name for name in names if name in request.FILES]
+        if len(texts) + len(file_slots) == len(names):
+            # a binary metric (a file named like the metric) takes its name's position among the values
+            remaining = iter(texts)
+            values = [request.FILES[name] if name in request.FILES else next(remaining) for name in names]
+        else:  # parse_metrics reports the length mismatch
+            values = texts + [request.FILES[name] for name in file_slots]
         pairs = model_services.parse_metrics(names, values)
         step = get_int(data, "step") if data.get("step") not in (None, "") else None
         trainer.report_metrics(model, request.user, pairs, step)
@@ -254,7 +287,7 @@ class ModelSwagView(APIView):
         model = get_model(pk)
         data = request.data
         round_number = get_int(data, "round")
-        sample_size = get_int(data, "sample_size", minimum=1)
+        sample_size = get_int(data, "sample_size", minimum=1, maximum=MAX_INT64)
         first = read_upload(request, "first_moment_file")
         second = read_upload(request, "second_moment_file")
         trainer.accept_swag_update(model, request.user, round_number, sample_size, first, second)

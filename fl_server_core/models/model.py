@@ -67,7 +67,8 @@ class Model(models.Model):
                 name="one_update_per_client_model_round",
             ),
             models.CheckConstraint(
-                condition=~Q(kind=ModelKind.LOCAL) | (Q(base_model__isnull=False) & Q(sample_size__gt=0)),
+                condition=~Q(kind=ModelKind.LOCAL)
+                | (Q(base_model__isnull=False) & Q(sample_size__isnull=False) & Q(sample_size__gt=0)),
                 name="local_update_has_base_model_and_samples",
             ),
             models.CheckConstraint(

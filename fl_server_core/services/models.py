@@ -173,6 +173,8 @@ def export_torchscript(model: Model) -> bytes:
 def delete_model(model: Model) -> None:
     """Delete a model, its updates and metrics; its store objects go after commit."""
     training = getattr(model, "training", None)
+    if training is None and model.base_model_id is not None:  # a local update counts for its base model's training
+        training = getattr(model.base_model, "training", None)
     if training is not None and training.state in (TrainingState.ONGOING, TrainingState.SWAG_ROUND):
         raise ConflictError("The model belongs to a running training; abort or finish the training first.")
     model.delete()

@@ -23,10 +23,10 @@ from fl_server_core.services.models import copy_global_model
 FINISHED_STATES = (TrainingState.COMPLETED, TrainingState.ERROR)
 
 
-def _positive_int(options: Mapping[str, Any], key: str) -> None:
+def _positive_int(options: Mapping[str, Any], key: str, path: str = "options") -> None:
     value = options[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError(f"options.{key} must be a positive integer, got {value!r}.")
+        raise InvalidInputError(f"{path}.{key} must be a positive integer, got {value!r}.")
 
 
 def _number(options: Mapping[str, Any], key: str, low: float, high: float | None, low_open: bool) -> None:
@@ -38,9 +38,9 @@ def _number(options: Mapping[str, Any], key: str, low: float, high: float | None
         raise InvalidInputError(f"options.{key} must be a number {bound}, got {value!r}.")
 
 
-def _boolean(options: Mapping[str, Any], key: str) -> None:
+def _boolean(options: Mapping[str, Any], key: str, path: str = "options") -> None:
     if not isinstance(options[key], bool):
-        raise InvalidInputError(f"options.{key} must be true or false, got {options[key]!r}.")
+        raise InvalidInputError(f"{path}.{key} must be true or false, got {options[key]!r}.")
 
 
 def validate_options(options: Any) -> dict[str, Any]:
@@ -67,9 +67,9 @@ def validate_options(options: Any) -> dict[str, Any]:
     if not isinstance(uncertainty, dict):
         raise InvalidInputError("options.uncertainty must be a JSON object.")
     if "N" in uncertainty:
-        _positive_int(uncertainty, "N")
+        _positive_int(uncertainty, "N", "options.uncertainty")
     if "softmax" in uncertainty:
-        _boolean(uncertainty, "softmax")
+        _boolean(uncertainty, "softmax", "options.uncertainty")
     return dict(options)
 
 
@@ -103,7 +103,8 @@ def create_training(
     options = validate_options(options)
     participants = users_by_id(clients)
     period = options.get("daisy_chain_period", 1)
-    kind = ModelKind.SWAG if uncertainty_method == UncertaintyMethod.SWAG else model.kind
+    # the kind follows this training (a model left SWAG by an earlier training is plain again)
+    kind = ModelKind.SWAG if uncertainty_method == UncertaintyMethod.SWAG else ModelKind.GLOBAL
     with transaction.atomic():
         if Training.objects.filter(model=model).exists():
             model = copy_global_model(model, actor, kind)

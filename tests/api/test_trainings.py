@@ -99,7 +99,10 @@ def test_create_training_defaults(actor, client_for, upload_model):
 @pytest.mark.parametrize(("period", "target", "expected"), [(1, 4, 4), (2, 4, 8), (5, 3, 15)])
 def test_daisy_chain_period_multiplies_target(actor, client_for, upload_model, period, target, expected):
     body = body_for(
-        upload_model(actor), target_num_updates=target, aggregation_method="FedDC", options={"daisy_chain_period": period}
+        upload_model(actor),
+        target_num_updates=target,
+        aggregation_method="FedDC",
+        options={"daisy_chain_period": period},
     )
     response = create(client_for(actor), **body)
     assert response.status_code == 201, response.json()
@@ -174,7 +177,7 @@ def test_copy_of_swag_model_for_plain_training_is_global(actor, client_for, uplo
 def test_create_rejects_unknown_model(actor, client_for, unchanged):
     check = unchanged()
     response = create(client_for(actor), **body_for(str(uuid.uuid4())))
-    assert_rejected(response, 404)
+    assert_rejected(response, 404, "model")
     check()
 
 
@@ -355,7 +358,9 @@ def test_delete_training(actor, participants, client_for, make_training):
 
 
 @pytest.mark.parametrize("who", ["participant", "outsider", "anonymous"])
-def test_delete_training_rejected_for_non_actor(actor, participants, outsider, client_for, make_training, unchanged, who):
+def test_delete_training_rejected_for_non_actor(
+    actor, participants, outsider, client_for, make_training, unchanged, who
+):
     training = make_training(actor, participants)
     user, status = {"participant": (participants[0], 403), "outsider": (outsider, 403), "anonymous": (None, 401)}[who]
     check = unchanged()
@@ -415,7 +420,9 @@ def test_clients_forbidden_for_non_actor(
         ({"clients": [str(uuid.UUID(int=7))]}, str(uuid.UUID(int=7))),
     ],
 )
-def test_clients_rejects_invalid_input(actor, participants, client_for, make_training, unchanged, method, body, fragment):
+def test_clients_rejects_invalid_input(
+    actor, participants, client_for, make_training, unchanged, method, body, fragment
+):
     training = make_training(actor, participants[:2])
     check = unchanged()
     response = getattr(client_for(actor), method)(f"/api/trainings/{training.pk}/clients/", body, format="json")
@@ -522,7 +529,9 @@ def test_start_without_participants(actor, client_for, make_training, unchanged,
 
 
 @pytest.mark.parametrize("state", ["O", "S", "C", "E"])
-def test_start_rejected_unless_initial(actor, participants, client_for, make_training, unchanged, started_signals, state):
+def test_start_rejected_unless_initial(
+    actor, participants, client_for, make_training, unchanged, started_signals, state
+):
     training = make_training(actor, participants)
     Training.objects.filter(pk=training.pk).update(state=state)
     check = unchanged()
@@ -618,3 +627,13 @@ def test_second_identical_update_conflicts(actor, participants, client_for, make
     check()
     assert LocalModel.objects.filter(base_model=training.model, owner=participants[0], round=0).count() == 1
     assert LocalModel.objects.count() == 1
+
+
+def test_create_rejects_mean_model(actor, client_for, upload_model, unchanged):
+    api = client_for(actor)
+    members = [upload_model(actor), upload_model(actor)]
+    response = api.post("/api/models/", {"type": "MEAN", "name": "mean", "models": members}, format="multipart")
+    assert response.status_code == 201, response.json()
+    check = unchanged()
+    assert_rejected(create(api, **body_for(response.json()["model_id"])), 400, "global model")
+    check()

@@ -84,6 +84,16 @@ def test_session_force_login_authenticates(alice):
     assert [u["username"] for u in response.json()] == ["alice"]
 
 
+def test_session_auth_enforces_csrf_on_writes(staff, unchanged):
+    api = APIClient(enforce_csrf_checks=True)
+    api.force_login(staff)
+    assert api.get("/api/groups/").status_code == 200
+    check = unchanged()
+    assert_detail(api.post("/api/groups/", {"name": "csrf"}, format="json"), 403, "csrf")
+    check()
+    assert not Group.objects.filter(name="csrf").exists()
+
+
 # --- Authentication: rejected variants ----------------------------------------------------------------------------
 
 
@@ -286,6 +296,13 @@ def test_register_bad_message_endpoint_is_400(db, unchanged):
     assert not User.objects.filter(username="badurl").exists()
 
 
+def test_register_bad_email_is_400(db, unchanged):
+    check = unchanged()
+    body = {"username": "bademail", "password": "long-enough-pass", "email": "not-an-email"}
+    assert_detail(APIClient().post("/api/users/", body, format="json"), 400, "email")
+    check()
+
+
 def test_register_malformed_json_is_400(db, unchanged):
     check = unchanged()
     response = APIClient().post("/api/users/", '{"username": "broken", ', content_type="application/json")
@@ -360,6 +377,15 @@ def test_user_list_shows_training_partners(actor, participants, outsider, make_t
     assert usernames(client_for(participants[0]).get("/api/users/")) == everyone_in_training
     assert usernames(client_for(participants[2]).get("/api/users/")) == ["client2"]
     assert usernames(client_for(outsider).get("/api/users/")) == ["outsider"]
+
+
+def test_user_visibility_is_not_transitive(actor, participants, make_training, client_for):
+    make_training(actor, participants[:1])
+    make_training(actor, participants[1:2])
+    assert usernames(client_for(actor).get("/api/users/")) == ["actor", "client0", "client1"]
+    assert usernames(client_for(participants[0]).get("/api/users/")) == ["actor", "client0"]
+    assert usernames(client_for(participants[1]).get("/api/users/")) == ["actor", "client1"]
+    assert client_for(participants[0]).get(f"/api/users/{participants[1].pk}/").status_code == 404
 
 
 def test_user_list_token_only_in_own_entry(actor, participants, make_training, client_for):
@@ -537,6 +563,10 @@ def test_staff_retrieve_unknown_group_is_404(staff, client_for):
     assert_detail(client_for(staff).get("/api/groups/987654/"), 404)
 
 
+def test_staff_retrieve_non_numeric_group_is_404(staff, client_for):
+    assert_detail(client_for(staff).get("/api/groups/abc/"), 404)
+
+
 def test_staff_puts_group(staff, client_for):
     group = Group.objects.create(name="old")
     response = client_for(staff).put(f"/api/groups/{group.pk}/", {"name": "new"}, format="json")
@@ -544,6 +574,13 @@ def test_staff_puts_group(staff, client_for):
     assert response.json() == {"id": group.pk, "name": "new"}
     group.refresh_from_db()
     assert group.name == "new"
+
+
+def test_staff_put_group_without_name_is_400(staff, client_for):
+    group = Group.objects.create(name="old")
+    assert_detail(client_for(staff).put(f"/api/groups/{group.pk}/", {}, format="json"), 400, "name")
+    group.refresh_from_db()
+    assert group.name == "old"
 
 
 def test_staff_patches_group(staff, client_for):
@@ -614,7 +651,7 @@ def test_anonymous_cannot_manage_groups(db, unchanged, method, path, body):
 # --- Unknown URLs ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/api/nothing-here/", "/api/users/myself/extra/", "/api/groups/abc/", "/api/x"])
+@pytest.mark.parametrize("path", ["/api/nothing-here/", "/api/users/myself/extra/", "/api/x", "/api/users/1/2/"])
 def test_unknown_api_url_is_json_404(alice, client_for, path):
     assert_detail(client_for(alice).get(path), 404, "not found")
 
@@ -622,3 +659,11 @@ def test_unknown_api_url_is_json_404(alice, client_for, path):
 def test_unknown_api_url_anonymous_is_json_404(db):
     response = APIClient().post("/api/does-not-exist/", json.dumps({}), content_type="application/json")
     assert_detail(response, 404, "not found")
+
+
+def test_revoked_token_does_not_break_myself(alice):
+    """An admin may delete a user's token (authtoken admin); the user can still log in otherwise."""
+    Token.objects.filter(user=alice).delete()
+    response = header_client(basic("alice", PASSWORD)).get("/api/users/myself/")
+    assert response.status_code == 200, response.content[:300]
+    assert set(response.json()) == USER_KEYS
