@@ -9,7 +9,17 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.authtoken.models import Token
 
-from fl_server_core.models import AggregationMethod, Metric, Model, Training, UncertaintyMethod, User
+from fl_server_core.models import (
+    AggregationMethod,
+    Metric,
+    Model,
+    Notification,
+    RoundArrival,
+    Training,
+    TrainingRound,
+    UncertaintyMethod,
+    User,
+)
 
 
 class UserSerializer(serializers.ModelSerializer):
@@ -169,13 +179,14 @@ class TrainingSerializer(serializers.ModelSerializer):
     round = serializers.IntegerField(source="model.round", read_only=True)
     local_models_arrived = serializers.SerializerMethodField()
     local_models_expected = serializers.SerializerMethodField()
+    current_round = serializers.SerializerMethodField()
 
     class Meta:
         model = Training
         fields = [
             "id", "model_id", "actor", "participants", "state", "round", "target_num_updates",
             "aggregation_method", "uncertainty_method", "options", "metric_names", "local_models_arrived",
-            "local_models_expected", "locked", "error_reason", "created_at", "last_update",
+            "local_models_expected", "current_round", "locked", "error_reason", "created_at", "last_update",
         ]  # fmt: skip
 
     @extend_schema_field({"type": "array", "items": {"type": "string", "format": "uuid"}})
@@ -184,15 +195,90 @@ class TrainingSerializer(serializers.ModelSerializer):
         return [str(pk) for pk in training.participants.values_list("pk", flat=True)]
 
     def get_local_models_arrived(self, training: Training) -> int:
-        """Updates received for the current round."""
-        return training.model.local_models.filter(round=training.model.round).count()
+        """Contributions received in the current round."""
+        round_ = training.current_round
+        return round_.arrivals.count() if round_ is not None else 0
 
     def get_local_models_expected(self, training: Training) -> int:
-        """Updates the current round waits for."""
-        return training.participants.count()
+        """Contributions the current round waits for."""
+        round_ = training.current_round
+        return round_.expected.count() if round_ is not None else training.participants.count()
+
+    @extend_schema_field({"type": "object", "nullable": True})
+    def get_current_round(self, training: Training) -> dict[str, Any] | None:
+        """Kind, number, state and deadline of the current round."""
+        round_ = training.current_round
+        if round_ is None:
+            return None
+        return {
+            "number": round_.number,
+            "kind": round_.kind,
+            "state": round_.state,
+            "opened_at": round_.opened_at,
+            "deadline": round_.deadline,
+        }
 
 
 class DetailSerializer(serializers.Serializer):
     """`{"detail": "..."}`, the shape of every message and error."""
 
     detail = serializers.CharField()
+
+
+class NotificationSerializer(serializers.ModelSerializer):
+    """A notification as the pull endpoint serves it: the pushed JSON plus its sequence number."""
+
+    seq = serializers.IntegerField(source="id", read_only=True)
+    training_uuid = serializers.UUIDField(source="training_id", read_only=True)
+    recipient = serializers.UUIDField(source="recipient_id", read_only=True)
+
+    class Meta:
+        model = Notification
+        fields = ["seq", "notification_type", "training_uuid", "body", "recipient", "created_at", "delivery_state"]
+
+
+class ArrivalSerializer(serializers.ModelSerializer):
+    """A participant's contribution to a round."""
+
+    user = serializers.UUIDField(source="user_id", read_only=True)
+
+    class Meta:
+        model = RoundArrival
+        fields = ["user", "sample_size", "arrived_at"]
+
+
+class RoundSerializer(serializers.ModelSerializer):
+    """A round with its participants, arrivals and timing."""
+
+    expected = serializers.SerializerMethodField()
+    arrivals = ArrivalSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = TrainingRound
+        fields = [
+            "number", "kind", "state", "expected", "arrivals", "total_samples", "opened_at", "deadline",
+            "closed_at", "finished_at", "aggregation_seconds", "close_reason", "assignments",
+        ]  # fmt: skip
+
+    @extend_schema_field({"type": "array", "items": {"type": "string", "format": "uuid"}})
+    def get_expected(self, round_: TrainingRound) -> list[str]:
+        """Clients the round waited for."""
+        return [str(user.pk) for user in round_.expected.all()]
+
+
+class TrainingMetricSerializer(serializers.ModelSerializer):
+    """A metric of a training as a row `{round, reporter, key, value}`."""
+
+    round = serializers.IntegerField(source="step", read_only=True)
+    reporter = serializers.UUIDField(source="reporter_id", read_only=True, allow_null=True)
+    model = serializers.UUIDField(source="model_id", read_only=True)
+    value = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Metric
+        fields = ["round", "reporter", "key", "value", "model", "created_at"]
+
+    @extend_schema_field({"oneOf": [{"type": "number"}, {"type": "string", "format": "byte"}]})
+    def get_value(self, metric: Metric) -> float | str:
+        """The float value, or base64 of the binary value."""
+        return MetricSerializer().get_value(metric)

@@ -2,6 +2,7 @@
 
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
+from django.db import models
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 
@@ -16,6 +17,7 @@ class UserAdmin(BaseUserAdmin):
     list_filter = ("actor", "client", "is_staff", "is_superuser", "is_active", "groups")
     search_fields = ("username", "email", "first_name", "last_name", "id")
     readonly_fields = ("id",)
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     fieldsets = (
         *BaseUserAdmin.fieldsets,
         ("Federated learning", {"fields": ("id", "actor", "client", "message_endpoint")}),

@@ -3,11 +3,12 @@
 from typing import Any
 
 from django.db import transaction
+from django.db.models import ProtectedError
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from rest_framework.authtoken.models import Token
 
-from fl_server_core.models import Blob, Model, SWAGUpdate, User
+from fl_server_core.models import Blob, Model, SWAGUpdate, TrainingRound, User, WeightsVersion
 from fl_server_core.storage import get_model_storage
 
 
@@ -18,11 +19,25 @@ def create_token_for_new_user(sender: type[User], instance: User, created: bool,
         Token.objects.get_or_create(user=instance)
 
 
+def release_blobs(ids: list[int]) -> None:
+    """Delete the blobs that nothing references any more (current weights are also the latest version)."""
+    for blob in Blob.objects.filter(id__in=ids):
+        try:
+            with transaction.atomic():
+                blob.delete()
+        except ProtectedError:
+            pass  # still referenced by another row
+
+
 @receiver(post_delete, sender=Model)
 @receiver(post_delete, sender=SWAGUpdate)
-def delete_owned_blobs(sender: type, instance: Model | SWAGUpdate, **kwargs: Any) -> None:
-    """A deleted model or SWAG update takes its store objects with it."""
-    Blob.objects.filter(id__in=instance.blob_ids()).delete()
+@receiver(post_delete, sender=TrainingRound)
+@receiver(post_delete, sender=WeightsVersion)
+def delete_owned_blobs(
+    sender: type, instance: Model | SWAGUpdate | TrainingRound | WeightsVersion, **kwargs: Any
+) -> None:
+    """A deleted row takes the store objects it owns with it."""
+    release_blobs(instance.blob_ids())
 
 
 @receiver(post_delete, sender=Blob)

@@ -20,6 +20,13 @@ def memory_model_store(settings: Any) -> None:
 
 
 @pytest.fixture(autouse=True)
+def inline_tasks(settings: Any) -> None:
+    """Tasks run inline after commit and no background check runs: tests see every effect deterministically."""
+    settings.FL_INPROCESS_TASKS_ASYNC = False
+    settings.FL_INPROCESS_SCHEDULER = False
+
+
+@pytest.fixture(autouse=True)
 def fast_password_hashing(settings: Any) -> None:
     """Hashing stays real but cheap: the production hasher's deliberate slowness would dominate the run."""
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

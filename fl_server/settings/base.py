@@ -75,8 +75,6 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
-# Scheme-less URLs typed into forms (message endpoints) are taken as https.
-FORMS_URLFIELD_ASSUME_HTTPS = True
 STATIC_URL = "static/"
 STATIC_ROOT = Path(env_str("STATIC_ROOT", str(BASE_DIR / "staticfiles")))
 
@@ -149,3 +147,24 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
 }
+
+# Training orchestration.
+# Notifications: signed with this secret (give it to clients that verify X-FL-Signature).
+FL_NOTIFICATION_SECRET = env_str("FL_NOTIFICATION_SECRET", "")
+FL_NOTIFICATION_TIMEOUT_SECONDS = float(env_str("FL_NOTIFICATION_TIMEOUT_SECONDS", "10"))
+FL_NOTIFICATION_MAX_ATTEMPTS = env_int("FL_NOTIFICATION_MAX_ATTEMPTS", 8)
+FL_NOTIFICATION_BACKOFF_SECONDS = float(env_str("FL_NOTIFICATION_BACKOFF_SECONDS", "1"))
+# Period of the check that closes overdue rounds and retries deliveries (Celery beat, or in process).
+FL_TICK_SECONDS = float(env_str("FL_TICK_SECONDS", "2"))
+# A round left CLOSING this long (its worker died) is aggregated again.
+FL_CLOSING_RETRY_SECONDS = float(env_str("FL_CLOSING_RETRY_SECONDS", "30"))
+# Global weight versions kept per model (0: all).
+FL_WEIGHT_VERSIONS_KEEP = env_int("FL_WEIGHT_VERSIONS_KEEP", 0)
+# Embedded profile: run tasks on a background thread (not in the request) and the periodic check in process.
+FL_INPROCESS_TASKS_ASYNC = env_bool("FL_INPROCESS_TASKS_ASYNC", False)
+FL_INPROCESS_SCHEDULER = env_bool("FL_INPROCESS_SCHEDULER", False)
+
+CELERY_BEAT_SCHEDULE = {
+    "fl-tick": {"task": "fl_server_ai.tasks.tick", "schedule": FL_TICK_SECONDS},
+}
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600)}

@@ -11,3 +11,9 @@ DEBUG = env_bool("DEBUG", True)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", True)
 FL_OPEN_REGISTRATION = env_bool("FL_OPEN_REGISTRATION", True)
+FL_INPROCESS_TASKS_ASYNC = env_bool("FL_INPROCESS_TASKS_ASYNC", True)
+FL_INPROCESS_SCHEDULER = env_bool("FL_INPROCESS_SCHEDULER", True)
+
+from fl_server.settings.base import MIDDLEWARE  # noqa: E402
+
+MIDDLEWARE = [*MIDDLEWARE, "fl_server_ai.scheduler.InProcessSchedulerMiddleware"]

@@ -136,7 +136,10 @@ class ModelDetailView(APIView):
     content_negotiation_class = DownloadFormatNegotiation
 
     @extend_schema(
-        parameters=[OpenApiParameter("format", str, enum=["torchscript", "safetensors"], required=False)],
+        parameters=[
+            OpenApiParameter("format", str, enum=["torchscript", "safetensors"], required=False),
+            OpenApiParameter("round", int, required=False, description="Weights after this many rounds."),
+        ],
         responses={200: OCTET_STREAM},
     )
     def get(self, request: Request, pk: str) -> HttpResponse:
@@ -147,9 +150,12 @@ class ModelDetailView(APIView):
             raise InvalidInputError("format must be 'torchscript' or 'safetensors'.")
         if model.kind == ModelKind.MEAN:
             raise InvalidInputError("A mean model has no weights of its own; download its member models.")
+        weights = model.weights
+        if request.query_params.get("round") not in (None, ""):
+            weights = model_services.weights_version(model, get_int(request.query_params, "round"))
         if fmt == "safetensors":
-            return binary_response(read_blob(model.weights), f"{model.id}.safetensors")
-        return binary_response(model_services.export_torchscript(model), f"{model.id}.pt")
+            return binary_response(read_blob(weights), f"{model.id}.safetensors")
+        return binary_response(model_services.export_torchscript(model, weights), f"{model.id}.pt")
 
     @extend_schema(
         operation_id="models_local_update_create",

@@ -1,6 +1,9 @@
 """Trainings: create, list, detail, delete, participants, start, models."""
 
-from drf_spectacular.utils import extend_schema, inline_serializer
+import time
+
+from django.db.models import Q
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -11,12 +14,15 @@ from fl_server_api.serializers import (
     ClientsSerializer,
     DetailSerializer,
     ModelSerializer,
+    NotificationSerializer,
+    RoundSerializer,
     TrainingCreateSerializer,
+    TrainingMetricSerializer,
     TrainingSerializer,
 )
-from fl_server_api.views.common import get_model, get_training
-from fl_server_core.exceptions import PermissionDeniedError
-from fl_server_core.models import Model, Training
+from fl_server_api.views.common import MAX_INT64, get_int, get_model, get_training
+from fl_server_core.exceptions import InvalidInputError, PermissionDeniedError
+from fl_server_core.models import Metric, Model, Notification, Training
 from fl_server_core.selectors import is_participant
 from fl_server_core.services import trainings as training_services
 
@@ -152,3 +158,76 @@ class TrainingLatestModelsView(APIView):
                 "local_models": ModelSerializer(latest_updates, many=True).data,
             }
         )
+
+
+class TrainingAbortView(APIView):
+    """Abort a training."""
+
+    @extend_schema(request=None, responses={200: DetailSerializer})
+    def post(self, request: Request, pk: str) -> Response:
+        """Any unfinished state -> ERROR (aborted); participants are told."""
+        trainer.abort_training(managed_training(request, pk))
+        return Response({"detail": "Training aborted!"})
+
+
+class TrainingEventsView(APIView):
+    """The training's notifications for the caller (all of them for the actor), for clients that pull."""
+
+    MAX_WAIT_SECONDS = 30.0
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("after", int, required=False, description="Only events with a larger `seq`."),
+            OpenApiParameter("wait", float, required=False, description="Hold the request up to this many seconds."),
+        ],
+        responses=NotificationSerializer(many=True),
+    )
+    def get(self, request: Request, pk: str) -> Response:
+        """Events after `after`, waiting up to `wait` seconds for the first one."""
+        training = get_training(pk)
+        user = request.user
+        events = Notification.objects.filter(training=training).order_by("id")
+        if training.actor_id != user.pk and not user.is_staff:
+            if not events.filter(recipient=user).exists() and not is_participant(user, training):
+                raise PermissionDeniedError("Only the training's actor and participants may read its events.")
+            events = events.filter(recipient=user)
+        after = get_int(request.query_params, "after", maximum=MAX_INT64) if "after" in request.query_params else 0
+        wait = self._wait(request)
+        deadline = time.monotonic() + wait
+        while True:
+            found = list(events.filter(id__gt=after)[:500])
+            if found or time.monotonic() >= deadline:
+                return Response(NotificationSerializer(found, many=True).data)
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _wait(self, request: Request) -> float:
+        value = request.query_params.get("wait", "0") or "0"
+        try:
+            wait = float(value)
+        except ValueError:
+            raise InvalidInputError(f"wait: {value!r} is not a number of seconds.") from None
+        if not 0 <= wait <= self.MAX_WAIT_SECONDS:
+            raise InvalidInputError(f"wait: must be between 0 and {self.MAX_WAIT_SECONDS:g} seconds.")
+        return wait
+
+
+class TrainingRoundsView(APIView):
+    """Round history: who was expected, who arrived with how many samples, when rounds opened and closed."""
+
+    @extend_schema(responses=RoundSerializer(many=True))
+    def get(self, request: Request, pk: str) -> Response:
+        """Every round of the training, oldest first."""
+        training = readable_training(request, pk)
+        rounds = training.rounds.prefetch_related("expected", "arrivals").order_by("opened_at", "id")
+        return Response(RoundSerializer(rounds, many=True).data)
+
+
+class TrainingMetricsView(APIView):
+    """Every metric of the training (global model and updates) as rows `{round, reporter, key, value}`."""
+
+    @extend_schema(responses=TrainingMetricSerializer(many=True))
+    def get(self, request: Request, pk: str) -> Response:
+        """Metrics, ordered by round."""
+        training = readable_training(request, pk)
+        metrics = Metric.objects.filter(Q(model=training.model) | Q(model__base_model=training.model))
+        return Response(TrainingMetricSerializer(metrics.order_by("step", "created_at", "id"), many=True).data)

@@ -53,6 +53,9 @@ class Training(models.Model):
     )
     options = models.JSONField(default=dict, blank=True)
     metric_names = models.JSONField(default=list, blank=True)
+    current_round = models.ForeignKey(
+        "fl_server_core.TrainingRound", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     locked = models.BooleanField(default=False, help_text="Set while a transition is in progress.")
     error_reason = models.TextField(blank=True, default="", help_text="Why the training is in ERROR.")
     created_at = models.DateTimeField(auto_now_add=True)

@@ -10,8 +10,18 @@ from django.conf import settings
 from django.db import transaction
 
 from fl_server_core import serialization
-from fl_server_core.exceptions import ConflictError, InvalidInputError
-from fl_server_core.models import Blob, GlobalModel, MeanModel, Metric, Model, ModelKind, TrainingState, User
+from fl_server_core.exceptions import ConflictError, InvalidInputError, NotFoundError
+from fl_server_core.models import (
+    Blob,
+    GlobalModel,
+    MeanModel,
+    Metric,
+    Model,
+    ModelKind,
+    TrainingState,
+    User,
+    WeightsVersion,
+)
 from fl_server_core.services.blobs import model_prefix, read_blob, staged_blobs
 from fl_server_core.storage import get_model_storage
 
@@ -157,17 +167,37 @@ def tensor_spec(model: Model) -> list[serialization.TensorSpec]:
     return [serialization.TensorSpec.from_json(entry) for entry in model.tensor_spec]
 
 
-def read_weights(model: Model) -> dict[str, torch.Tensor]:
-    """The current weights of a model."""
-    return serialization.safetensors_to_weights(read_blob(model.weights))
+def read_weights(model: Model, blob: Blob | None = None) -> dict[str, torch.Tensor]:
+    """The current weights of a model (or the weights stored in `blob`)."""
+    return serialization.safetensors_to_weights(read_blob(blob or model.weights))
 
 
-def export_torchscript(model: Model) -> bytes:
+def weights_version(model: Model, round_number: int) -> Blob:
+    """The global weights after `round_number` rounds, as kept by the version history."""
+    if round_number == model.round:
+        return model.weights
+    version = WeightsVersion.objects.select_related("weights").filter(model=model, round=round_number).first()
+    if version is None:
+        kept = sorted(WeightsVersion.objects.filter(model=model).values_list("round", flat=True))
+        raise NotFoundError(f"No weights of round {round_number} are kept for this model (kept rounds: {kept}).")
+    return version.weights
+
+
+def export_torchscript(model: Model, weights: Blob | None = None) -> bytes:
     """The model (global, or a local update on its base model's architecture) as TorchScript with its weights."""
     archive = read_blob(model.base_model.archive if model.kind == ModelKind.LOCAL else model.archive)
-    if model.is_global and model.round == 0:  # round-0 weights are the archive's own
-        return archive
-    return serialization.export_torchscript(archive, read_weights(model))
+    weights = weights or model.weights
+    if model.is_global and weights.sha256 == _archive_weights_sha256(model):
+        return archive  # the archive's own weights: no need to rebuild it
+    return serialization.export_torchscript(archive, read_weights(model, weights))
+
+
+def _archive_weights_sha256(model: Model) -> str | None:
+    """Checksum of the weights the archive was uploaded with (its round-0 version)."""
+    if model.round == 0:
+        return model.weights.sha256
+    first = WeightsVersion.objects.filter(model=model, round=0).select_related("weights").first()
+    return first.weights.sha256 if first else None
 
 
 def delete_model(model: Model) -> None:

@@ -13,10 +13,25 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+from django.db import transaction
 from rest_framework.response import Response
 from rest_framework.test import APIClient
 
-from fl_server_core.models import Blob, LocalModel, Metric, Model, SWAGUpdate, Training, TrainingState, User
+from fl_server_ai.trainer.lifecycle import lock_training
+from fl_server_ai.trainer.rounds import open_round
+from fl_server_core.models import (
+    Blob,
+    LocalModel,
+    Metric,
+    Model,
+    RoundKind,
+    RoundState,
+    SWAGUpdate,
+    Training,
+    TrainingRound,
+    TrainingState,
+    User,
+)
 from fl_server_core.storage import get_model_storage
 from tests.conftest import upload
 from tests.helpers import (
@@ -534,6 +549,7 @@ def test_local_update_with_own_owner_and_later_round(
     participants: list[User], actor: User, client_for: ClientFor, training: Training, model_url: str
 ) -> None:
     Model.objects.filter(pk=training.model_id).update(round=3)
+    TrainingRound.objects.filter(pk=training.current_round_id).update(number=3)
     client = participants[2]
     response = client_for(client).post(
         model_url,
@@ -1133,8 +1149,12 @@ def swag_body(first: torch.Tensor | None = None, second: torch.Tensor | None = N
 def swag_training(actor: User, participants: list[User], make_training: Callable[..., Training]) -> Training:
     """A SWAG training put directly into its SWAG round."""
     training = make_training(actor, participants, start=True, uncertainty_method="SWAG")
-    Training.objects.filter(pk=training.pk).update(state=TrainingState.SWAG_ROUND)
+    with transaction.atomic():
+        training = lock_training(training.pk)
+        TrainingRound.objects.filter(pk=training.current_round_id).update(state=RoundState.DONE)
+        open_round(training, RoundKind.SWAG, training.model.round)
     assert Model.objects.get(pk=training.model_id).kind == "SWAG"
+    assert training.state == TrainingState.SWAG_ROUND
     return training
 
 

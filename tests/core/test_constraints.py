@@ -255,7 +255,8 @@ def test_deleting_a_global_model_removes_its_updates_swag_and_their_objects(
     assert response.status_code == 201, response.json()
     swag_update(training.model, participants[1])
     Metric.objects.create(model=training.model, key="loss", value_float=1.0)
-    assert len(get_model_storage().keys()) == 5  # archive, weights, update weights, two moments
+    # archive, weights, update weights, the round's running sum, two moments
+    assert len(get_model_storage().keys()) == 6
 
     with django_capture_on_commit_callbacks(execute=True):
         Model.objects.get(pk=training.model_id).delete()
