@@ -3,10 +3,17 @@
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.db import models
-from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 
-from fl_server_core.models import Blob, Metric, Model, SWAGUpdate, Training, User
+from fl_server_core.models import (
+    Blob,
+    Metric,
+    Model,
+    Notification,
+    SWAGUpdate,
+    User,
+    WeightsVersion,
+)
 
 
 @admin.register(User)
@@ -42,41 +49,6 @@ class ReadOnlyInline(admin.TabularInline):
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         """Rows are immutable here."""
         return False
-
-
-@admin.register(Training)
-class TrainingAdmin(admin.ModelAdmin):
-    """Trainings with their state, round and participants."""
-
-    list_display = (
-        "id", "model_name", "actor", "state", "current_round", "target_num_updates", "participants_count",
-        "aggregation_method", "uncertainty_method", "last_update",
-    )  # fmt: skip
-    list_filter = ("state", "aggregation_method", "uncertainty_method", "locked")
-    search_fields = ("id", "model__name", "actor__username")
-    readonly_fields = ("id", "model", "created_at", "last_update", "error_reason")
-    filter_horizontal = ("participants",)
-    list_select_related = ("model", "actor")
-    date_hierarchy = "created_at"
-
-    def get_queryset(self, request: HttpRequest) -> QuerySet[Training]:
-        """Count participants in the same query."""
-        return super().get_queryset(request).annotate(n_participants=Count("participants", distinct=True))
-
-    @admin.display(description="model", ordering="model__name")
-    def model_name(self, training: Training) -> str:
-        """Name of the global model."""
-        return training.model.name
-
-    @admin.display(description="round", ordering="model__round")
-    def current_round(self, training: Training) -> int:
-        """Rounds aggregated so far."""
-        return training.model.round
-
-    @admin.display(description="participants", ordering="n_participants")
-    def participants_count(self, training: Training) -> int:
-        """Number of participants."""
-        return training.n_participants
 
 
 class MetricInline(ReadOnlyInline):
@@ -140,4 +112,33 @@ class BlobAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         """Objects are written by the server only."""
+        return False
+
+
+@admin.register(Notification)
+class NotificationAdmin(admin.ModelAdmin):
+    """The outbox: every notification with its delivery state."""
+
+    list_display = ("id", "training", "notification_type", "recipient", "delivery_state", "attempts", "created_at")
+    list_filter = ("delivery_state", "notification_type")
+    search_fields = ("training__id", "recipient__username")
+    list_select_related = ("recipient", "training")
+    readonly_fields = ("training", "recipient", "notification_type", "body", "created_at", "delivery_state",
+                       "attempts", "next_attempt_at", "delivered_at", "last_error")  # fmt: skip
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        """Notifications are written by the state machine only."""
+        return False
+
+
+@admin.register(WeightsVersion)
+class WeightsVersionAdmin(admin.ModelAdmin):
+    """Kept versions of global weights."""
+
+    list_display = ("model", "round", "weights", "created_at")
+    list_select_related = ("model", "weights")
+    readonly_fields = ("model", "round", "weights", "created_at")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        """Versions are written by aggregation only."""
         return False
