@@ -23,8 +23,8 @@ migrate: venv
 run: migrate  ## the server on the embedded default (SQLite, filesystem model store, in-process tasks)
 	$(BIN)/python manage.py runserver $(HOST):$(PORT)
 
-worker: venv  ## a Celery worker (needs CELERY_BROKER_URL)
-	$(BIN)/celery -A fl_server worker --loglevel=INFO
+worker: venv  ## a Celery worker with the periodic check (needs CELERY_BROKER_URL; run one with --beat per deployment)
+	$(BIN)/celery -A fl_server worker --beat --loglevel=INFO
 
 superuser: migrate
 	$(BIN)/python manage.py createsuperuser

@@ -4,6 +4,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from django.views.defaults import page_not_found
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -57,6 +58,7 @@ def json_server_error(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"detail": "Internal server error."}, status=500)
 
 
+@csrf_exempt
 def api_not_found(request: HttpRequest) -> JsonResponse:
     """Catch-all of the API's URLs: unknown paths are a JSON 404, with DEBUG on too."""
     return json_not_found(request)

@@ -14,9 +14,10 @@ log = logging.getLogger(__name__)
 
 def close_round(round_id: int) -> bool:
     """Aggregate a CLOSING round exactly once and move its training on; False if there was nothing to do."""
-    training_id = TrainingRound.objects.filter(pk=round_id).values_list("training_id", flat=True).first()
-    if training_id is None:
+    found = TrainingRound.objects.filter(pk=round_id).values_list("training_id", "number").first()
+    if found is None:
         return False
+    training_id, number = found
     try:
         with staged_blobs() as blobs, transaction.atomic():
             training = lock_training(training_id)
@@ -31,7 +32,7 @@ def close_round(round_id: int) -> bool:
         log.exception("aggregation of round %s failed", round_id)
         with transaction.atomic():
             training = lock_training(training_id)
-            rounds.fail(training, f"Aggregation of round {round_id} failed: {type(error).__name__}: {error}")
+            rounds.fail(training, f"Aggregation of round {number} failed: {type(error).__name__}: {error}")
         return False
 
 

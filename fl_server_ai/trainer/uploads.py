@@ -16,6 +16,7 @@ from fl_server_core.models import (
     Metric,
     Model,
     ModelKind,
+    RoundArrival,
     RoundKind,
     RoundState,
     SWAGUpdate,
@@ -49,6 +50,9 @@ def _training_for_upload(model: Model, user: User) -> Training:
 def _check_round(training: Training, user: User, round_number: int, kind: str) -> None:
     """Reject uploads in the wrong state or round, from clients not expected, or duplicates (409/403)."""
     what = UPLOAD_KIND[kind]
+    arrivals = RoundArrival.objects.filter(round__training=training, round__number=round_number, round__kind=kind)
+    if arrivals.filter(user=user).exists():
+        raise ConflictError(f"You already uploaded {what} for round {round_number}.")
     expected_state = TrainingState.SWAG_ROUND if kind == RoundKind.SWAG else TrainingState.ONGOING
     round_ = training.current_round
     if training.state != expected_state or round_ is None or round_.kind != kind:
@@ -66,8 +70,6 @@ def _check_round(training: Training, user: User, round_number: int, kind: str) -
         raise PermissionDeniedError("You are not a participant of this model's training.")
     if not round_.expected.filter(pk=user.pk).exists():
         raise PermissionDeniedError(f"You were not selected for round {round_number}.")
-    if round_.arrivals.filter(user=user).exists():
-        raise ConflictError(f"You already uploaded {what} for round {round_number}.")
 
 
 def _check_sample_size(value: int) -> None:
