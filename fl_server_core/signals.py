@@ -17,3 +17,14 @@ metrics_reported = Signal()
 # sender: Training; kwargs: training, users (list[User])
 participants_added = Signal()
 participants_removed = Signal()
+# sender: Training; kwargs: training, round (TrainingRound)
+round_started = Signal()
+# sender: Training; kwargs: training, round
+before_aggregation = Signal()
+# sender: Training; kwargs: training, round, weights (dict[str, Tensor], the new global weights: receivers may
+# inspect them, e.g. to track the best model or validate it)
+after_aggregation = Signal()
+# sender: Training; kwargs: training, round
+round_finished = Signal()
+# sender: Training; kwargs: training, state ("C" completed or "E" error), reason
+training_finished = Signal()

@@ -14,7 +14,7 @@ from fl_server_ai import notifications as notes
 from fl_server_ai.aggregation import daisy_chain_permutation, get_strategy, sample_clients
 from fl_server_ai.dispatch import dispatch
 from fl_server_ai.trainer.accumulator import load_accumulator
-from fl_server_core import serialization
+from fl_server_core import serialization, signals
 from fl_server_core.models import (
     LocalModel,
     Model,
@@ -83,6 +83,7 @@ def open_round(training: Training, kind: str, number: int) -> TrainingRound:
         assignments=_daisy_assignments(training, number) if kind == RoundKind.UPDATE else {},
     )
     round_.expected.set(expected)
+    signals.round_started.send(sender=Training, training=training, round=round_)
     training.current_round = round_
     training.state = TrainingState.SWAG_ROUND if kind == RoundKind.SWAG else TrainingState.ONGOING
     training.save(update_fields=["current_round", "state", "last_update"])
@@ -164,6 +165,7 @@ def _complete_update_round(training: Training, round_: TrainingRound, blobs: Blo
     model = Model.objects.select_related("weights").get(pk=training.model_id)
     strategy = get_strategy(training.aggregation_method)
     if strategy.is_aggregation_round(round_.number, training.options):
+        signals.before_aggregation.send(sender=Training, training=training, round=round_)
         like = read_weights(model)
         if strategy.streaming:
             new = load_accumulator(round_).finalize(like)
@@ -171,6 +173,7 @@ def _complete_update_round(training: Training, round_: TrainingRound, blobs: Blo
             updates = LocalModel.objects.filter(base_model=model, round=round_.number).select_related("weights")
             new = strategy.aggregate([(read_weights(u), float(u.sample_size)) for u in updates], like)
         _new_weights(model, new, round_.number + 1, blobs)
+        signals.after_aggregation.send(sender=Training, training=training, round=round_, weights=new)
     model.round = round_.number + 1
     model.save(update_fields=["weights", "round", "updated_at"])
     training.model = model
@@ -204,6 +207,7 @@ def complete_round(training: Training, round_: TrainingRound, blobs: BlobWriter)
     round_.save(update_fields=["accumulator", "state", "finished_at", "aggregation_seconds"])
     if accumulator:
         release_blobs([accumulator])
+    signals.round_finished.send(sender=Training, training=training, round=round_)
     advance(training, round_)
 
 
@@ -230,9 +234,9 @@ def finish(training: Training) -> None:
     """The training is COMPLETED; everyone is told."""
     training.state = TrainingState.COMPLETED
     training.save(update_fields=["state", "last_update"])
-    notes.notify(
-        training, training.participants.all(), notes.TRAINING_FINISHED, {"global_model_uuid": str(training.model_id)}
-    )
+    body = {"global_model_uuid": str(training.model_id)}
+    notes.notify(training, training.participants.all(), notes.TRAINING_FINISHED, body)
+    signals.training_finished.send(sender=Training, training=training, state=training.state, reason="")
 
 
 def fail(training: Training, reason: str) -> None:
@@ -249,6 +253,7 @@ def fail(training: Training, reason: str) -> None:
     training.save(update_fields=["state", "error_reason", "last_update"])
     body = {"global_model_uuid": str(training.model_id), "status": "error", "reason": reason}
     notes.notify(training, training.participants.all(), notes.TRAINING_FINISHED, body)
+    signals.training_finished.send(sender=Training, training=training, state=training.state, reason=reason)
 
 
 def drop_clients(training: Training, users: list[User], reason: str) -> None:

@@ -71,3 +71,38 @@ def test_model_test_rounds_close_when_every_client_reported(actor, participants,
     assert (training.current_round.kind, training.current_round.number) == (RoundKind.UPDATE, 1)
     late = post_update(client_for(participants[0]), training.model_id, 0, shifted_weights(0, 0.1), 5)
     assert late.status_code == 409
+
+
+def test_workflow_events_fire_in_order_inside_the_transitions(actor, participants, client_for, make_training):
+    from django.db import connection
+
+    from fl_server_core import signals
+
+    seen: list[tuple[str, bool]] = []
+
+    def recorder(name: str) -> Callable:
+        def receive(sender: Any, **kwargs: Any) -> None:
+            seen.append((name, connection.in_atomic_block))
+
+        return receive
+
+    names = [
+        "training_started", "round_started", "update_accepted", "before_aggregation", "after_aggregation",
+        "round_finished", "training_finished",
+    ]  # fmt: skip
+    receivers = {name: recorder(name) for name in names}
+    for name, receiver in receivers.items():
+        getattr(signals, name).connect(receiver, weak=False)
+    try:
+        training = make_training(
+            actor, participants[:1], start=True, target_num_updates=1, options={"skip_model_tests": True}
+        )
+        run_round(training, participants[:1], client_for, 0, seed=1)
+    finally:
+        for name, receiver in receivers.items():
+            getattr(signals, name).disconnect(receiver)
+    assert [name for name, _ in seen] == [
+        "round_started", "training_started", "update_accepted", "before_aggregation", "after_aggregation",
+        "round_finished", "training_finished",
+    ]  # fmt: skip
+    assert all(in_transaction for _, in_transaction in seen)
