@@ -21,11 +21,16 @@ def trainings_of(user: User) -> QuerySet[Training]:
 
 
 def visible_models(user: User) -> QuerySet[Model]:
-    """Models the user owns, the global models of its trainings, and the updates of trainings it runs."""
+    """Models the user owns, its trainings' global models, and updates of trainings it runs (FedDC: joins)."""
     if user.is_staff:
         return Model.objects.all()
     return Model.objects.filter(
-        Q(owner=user) | Q(training__actor=user) | Q(training__participants=user) | Q(base_model__training__actor=user)
+        Q(owner=user)
+        | Q(training__actor=user)
+        | Q(training__participants=user)
+        | Q(base_model__training__actor=user)
+        # FedDC hands each client another client's local model to continue from
+        | Q(base_model__training__participants=user, base_model__training__aggregation_method="FedDC")
     ).distinct()
 
 

@@ -172,6 +172,9 @@ def _complete_update_round(training: Training, round_: TrainingRound, blobs: Blo
         else:
             updates = LocalModel.objects.filter(base_model=model, round=round_.number).select_related("weights")
             new = strategy.aggregate([(read_weights(u), float(u.sample_size)) for u in updates], like)
+        broken = [name for name, tensor in new.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+        if broken:
+            raise ValueError(f"the aggregated weights are not finite in {', '.join(broken[:5])}")
         _new_weights(model, new, round_.number + 1, blobs)
         signals.after_aggregation.send(sender=Training, training=training, round=round_, weights=new)
     model.round = round_.number + 1

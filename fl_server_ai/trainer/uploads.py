@@ -1,6 +1,7 @@
 """Accepting what participants upload: local updates, SWAG statistics and test metrics."""
 
 from collections.abc import Sequence
+from typing import NoReturn
 
 import torch
 from django.db import IntegrityError, transaction
@@ -25,7 +26,7 @@ from fl_server_core.models import (
     User,
 )
 from fl_server_core.selectors import is_participant, training_of_model
-from fl_server_core.services.blobs import model_prefix, staged_blobs
+from fl_server_core.services.blobs import BlobWriter, model_prefix, staged_blobs
 from fl_server_core.services.models import record_metrics, tensor_spec
 
 STATE_NAMES = {value: label.upper().replace(" ", "_") for value, label in TrainingState.choices}
@@ -72,6 +73,25 @@ def _check_round(training: Training, user: User, round_number: int, kind: str) -
         raise PermissionDeniedError(f"You were not selected for round {round_number}.")
 
 
+class _RoundSumBrokenError(Exception):
+    """The round's running sum could not be read or extended; the round cannot be aggregated."""
+
+
+def _fold(training: Training, weights: dict[str, torch.Tensor], sample_size: int, blobs: BlobWriter) -> None:
+    try:
+        fold_into_round(training.current_round, weights, float(sample_size), blobs)
+    except Exception as error:
+        raise _RoundSumBrokenError(f"{type(error).__name__}: {error}") from error
+
+
+def _fail_round(training: Training, round_number: int, error: Exception) -> NoReturn:
+    """Put the training in ERROR (its round cannot be aggregated) and answer the upload with 409."""
+    reason = f"Aggregation of round {round_number} failed: {error}"
+    with transaction.atomic():
+        rounds.fail(lock_training(training.pk), reason)
+    raise ConflictError(f"The upload was not accepted: {reason} The training is in ERROR.") from error
+
+
 def _check_sample_size(value: int) -> None:
     if not 1 <= value <= MAX_SAMPLE_SIZE:
         raise InvalidInputError(f"sample_size must be an integer between 1 and {MAX_SAMPLE_SIZE}.")
@@ -115,11 +135,13 @@ def accept_local_update(
             record_metrics(local, metrics, round_number, user)
             strategy = get_strategy(training.aggregation_method)
             if strategy.streaming and strategy.is_aggregation_round(round_number, training.options):
-                fold_into_round(training.current_round, weights, float(sample_size), blobs)
+                _fold(training, weights, sample_size, blobs)
             signals.update_accepted.send(sender=Training, training=training, local_model=local)
             rounds.record_arrival_and_maybe_close(training, training.current_round, user, sample_size)
     except IntegrityError as error:  # a concurrent duplicate upload won the race
         raise ConflictError(f"You already uploaded model updates for round {round_number}.") from error
+    except _RoundSumBrokenError as error:
+        _fail_round(training, round_number, error)
     return local
 
 
@@ -151,11 +173,13 @@ def accept_swag_update(
                 second_moment=stored["second_moment_file"],
             )
             sums = {"first": moments["first_moment_file"], "second": moments["second_moment_file"]}
-            fold_into_round(training.current_round, sums, float(sample_size), blobs)
+            _fold(training, sums, sample_size, blobs)
             signals.swag_update_accepted.send(sender=Training, training=training, swag_update=update)
             rounds.record_arrival_and_maybe_close(training, training.current_round, user, sample_size)
     except IntegrityError as error:
         raise ConflictError(f"You already uploaded SWAG statistics for round {round_number}.") from error
+    except _RoundSumBrokenError as error:
+        _fail_round(training, round_number, error)
     return update
 
 
