@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: venv run worker test lint format migrate superuser clean
+.PHONY: venv demo run worker test lint format migrate superuser clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ venv: $(STAMP)
 
 migrate: venv
 	$(BIN)/python manage.py migrate --noinput
+
+demo: venv  ## a real federated training: server + 5 participants on scikit-learn's digits (embedded profile)
+	$(BIN)/python -m fl_client.demo
 
 run: migrate  ## the server on the embedded default (SQLite, filesystem model store, in-process tasks)
 	$(BIN)/python manage.py runserver $(HOST):$(PORT)

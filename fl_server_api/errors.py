@@ -3,6 +3,7 @@
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.defaults import page_not_found
@@ -39,6 +40,10 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     for kind, code in STATUS_OF.items():
         if isinstance(exc, kind):
             return Response({"detail": exc.detail}, status=code)
+    if isinstance(exc, OperationalError):  # e.g. the database is busy: nothing was written, the client may retry
+        response = Response({"detail": f"The server is busy, retry shortly ({exc})."}, status=503)
+        response["Retry-After"] = "1"
+        return response
     if isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(exc.messages)
     if isinstance(exc, exceptions.ValidationError):
