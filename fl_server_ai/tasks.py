@@ -47,3 +47,13 @@ def tick() -> None:
         dispatch_now(close_round, round_id)
     for recipient_id in notifications.recipients_due():
         dispatch_now(deliver_notifications, recipient_id)
+
+
+@shared_task
+def run_inference(model_id: str, encoded_input: str, seed: int | None = None) -> dict:
+    """Inference of a large input on a worker (the web process waits for the result)."""
+    from fl_server_ai import inference
+    from fl_server_core.models import Model
+
+    model = Model.objects.select_related("weights", "archive").get(pk=model_id)
+    return inference.predict(model, inference.decode_tensor(encoded_input), seed)

@@ -4,7 +4,7 @@ from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from fl_server_api.views import models, trainings, users
+from fl_server_api.views import inference, models, trainings, users
 
 router = SimpleRouter(trailing_slash=True)
 router.register("groups", users.GroupViewSet, basename="group")
@@ -35,6 +35,7 @@ urlpatterns = [
     path("trainings/<uuid:pk>/events/", trainings.TrainingEventsView.as_view(), name="training-events"),
     path("trainings/<uuid:pk>/rounds/", trainings.TrainingRoundsView.as_view(), name="training-rounds"),
     path("trainings/<uuid:pk>/metrics/", trainings.TrainingMetricsView.as_view(), name="training-metrics"),
+    path("inference/", inference.InferenceView.as_view(), name="inference"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("schema/swagger-ui/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     *router.urls,

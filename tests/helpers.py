@@ -56,3 +56,10 @@ def shifted_weights(seed: int, delta: float) -> dict[str, torch.Tensor]:
     """A valid update: the seed's weights with floating tensors shifted by delta."""
     weights = tiny_net(seed).state_dict()
     return {k: (v + delta if v.is_floating_point() else v.clone()) for k, v in weights.items()}
+
+
+class Doubler(torch.nn.Module):
+    """A preprocessing module: doubles its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2

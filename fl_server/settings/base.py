@@ -175,3 +175,8 @@ CELERY_BEAT_SCHEDULE = {
     "fl-tick": {"task": "fl_server_ai.tasks.tick", "schedule": FL_TICK_SECONDS},
 }
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600)}
+
+# Inference: largest accepted input (number of values); inputs above the worker threshold run on a worker.
+FL_INFERENCE_MAX_ELEMENTS = env_int("FL_INFERENCE_MAX_ELEMENTS", 10_000_000)
+FL_INFERENCE_WORKER_THRESHOLD = env_int("FL_INFERENCE_WORKER_THRESHOLD", 1_000_000)
+FL_INFERENCE_TIMEOUT_SECONDS = env_int("FL_INFERENCE_TIMEOUT_SECONDS", 300)
