@@ -12,8 +12,13 @@ from fl_server_core.models import RoundKind, Training, TrainingState, User, Weig
 
 
 def lock_training(training_id: object) -> Training:
-    """The training row, locked for the rest of the transaction."""
-    return Training.objects.select_for_update().select_related("model", "current_round").get(pk=training_id)
+    """The training row, locked for the rest of the transaction, read fresh with its model and current round.
+
+    The lock is taken without joins (PostgreSQL refuses FOR UPDATE on the nullable side of an outer join),
+    and everything is read after it is granted, so nothing read can predate the previous holder's commit.
+    """
+    Training.objects.select_for_update().filter(pk=training_id).values_list("pk").get()
+    return Training.objects.select_related("model", "current_round").get(pk=training_id)
 
 
 def start_training(training: Training) -> Training:
