@@ -79,7 +79,11 @@ def _method(model: Model) -> tuple[Any, dict[str, Any]]:
     """The uncertainty method of the model (its training's, an ensemble for mean models) and its options."""
     if model.kind == ModelKind.MEAN:
         members = list(model.members.select_related("weights", "archive"))
-        return method_for("ENSEMBLE", members=[_load(member) for member in members]), {"N": len(members)}
+        # softmax (and other output options) as the members' trainings agree on them
+        member_options = [t.options.get("uncertainty", {}) for t in Training.objects.filter(model__in=members)]
+        softmax = bool(member_options) and all(o.get("softmax", False) for o in member_options)
+        options = {"N": len(members), "softmax": softmax}
+        return method_for("ENSEMBLE", members=[_load(member) for member in members]), options
     training = Training.objects.filter(model=model).first() if model.is_global else None
     name = training.uncertainty_method if training is not None else UncertaintyMethod.NONE
     options = dict(training.options.get("uncertainty", {})) if training is not None else {}

@@ -158,3 +158,13 @@ def test_preprocessing_is_applied(actor, client_for, upload_model: Callable[...,
     expected = infer(client_for(actor), plain, doubled).json()["inference"]
     assert infer(client_for(actor), with_pre).json()["inference"] == expected
     assert infer(client_for(actor), plain).json()["inference"] != expected
+
+
+def test_mean_model_of_softmax_trainings_gives_probabilities(actor, participants, client_for, make_training):
+    options = {"uncertainty": {"N": 5, "softmax": True}}
+    members = [str(make_training(actor, participants, options=options).model_id) for _ in range(2)]
+    body = {"type": "MEAN", "name": "ensemble", "models": members}
+    mean_id = client_for(actor).post("/api/models/", body, format="multipart").json()["model_id"]
+    result = infer(client_for(actor), mean_id).json()
+    torch.testing.assert_close(torch.tensor(result["inference"]).sum(dim=1), torch.ones(2))
+    assert set(result["uncertainty"]) == PROBABILITY_KEYS

@@ -325,9 +325,11 @@ def test_pull_stops_when_removed_and_is_bounded(server_url, actor, make_user, cl
     clients = [make_user(f"leaving{i}", client=True) for i in range(2)]
     training_id, _ = new_training(server_url, actor, clients, rounds=1)
     leaving = Participant(server_url, token=token_of(clients[0]), train=Recorder(0.1, 1).train)
-    outcome = pulling(leaving, training_id, cleanup)
     api = api_for(server_url, actor)
+    # removed before the pull starts: the test server shares one SQLite connection between request threads,
+    # so a poll racing the removal could see its half-done transaction (a deployment isolates them)
     api.request("DELETE", f"trainings/{training_id}/clients/", json={"clients": [str(clients[0].pk)]})
+    outcome = pulling(leaving, training_id, cleanup)
     outcome["thread"].join(10)
     assert not outcome["thread"].is_alive() and "error" not in outcome, outcome
     assert outcome["last_seq"] > 0

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.<name> [options] --json FILE` (see ../shared/BENCHMARKS.md)."""

@@ -1,0 +1,1 @@
+"""Tests of the benchmarks under benchmarks/ (run as subprocesses with tiny settings)."""
