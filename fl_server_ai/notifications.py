@@ -99,33 +99,59 @@ def post(notification: Notification) -> tuple[str, str]:
     return DeliveryState.DECLINED, f"HTTP {response.status_code}: {response.text[:200]}"
 
 
+def _claim(recipient_id: str) -> Notification | None:
+    """The recipient's first pending notification if it is due, leased so that no other worker sends it meanwhile."""
+    with transaction.atomic():
+        now = timezone.now()
+        notification = (
+            Notification.objects.select_for_update()
+            .select_related("recipient")
+            .filter(recipient_id=recipient_id, delivery_state=DeliveryState.PENDING)
+            .order_by("id")
+            .first()
+        )
+        if notification is None or (notification.next_attempt_at and notification.next_attempt_at > now):
+            return None  # nothing due, or an earlier one waits for its retry or is being sent (order is kept)
+        notification.attempts += 1
+        lease = settings.FL_NOTIFICATION_TIMEOUT_SECONDS + 5
+        notification.next_attempt_at = now + timedelta(seconds=lease)
+        notification.save(update_fields=["attempts", "next_attempt_at"])
+        return notification
+
+
+def _record(notification: Notification, state: str, error: str) -> Notification:
+    """Store the outcome of one attempt (unless the notification was cancelled meanwhile)."""
+    with transaction.atomic():
+        current = Notification.objects.select_for_update().get(pk=notification.pk)
+        if current.delivery_state != DeliveryState.PENDING:
+            return current
+        current.last_error = error
+        current.delivery_state = state
+        now = timezone.now()
+        if state == DeliveryState.DELIVERED:
+            current.delivered_at = now
+        elif state == DeliveryState.PENDING:
+            if current.attempts >= settings.FL_NOTIFICATION_MAX_ATTEMPTS:
+                current.delivery_state = DeliveryState.FAILED
+            else:
+                current.next_attempt_at = now + backoff(current.attempts)
+        current.save()
+        return current
+
+
 def deliver_pending(recipient_id: str) -> int:
-    """Push the recipient's due notifications in order; stop at the first failure. Returns how many went out."""
+    """Push the recipient's due notifications in order; stop at the first failure. Returns how many went out.
+
+    No database transaction is open while a client is contacted: a slow endpoint delays only its own
+    notifications.
+    """
     delivered = 0
     while True:
-        with transaction.atomic():
-            now = timezone.now()
-            notification = (
-                Notification.objects.select_for_update(skip_locked=True)
-                .select_related("recipient")
-                .filter(recipient_id=recipient_id, delivery_state=DeliveryState.PENDING)
-                .order_by("id")
-                .first()
-            )
-            if notification is None or (notification.next_attempt_at and notification.next_attempt_at > now):
-                return delivered
-            state, error = post(notification)
-            notification.attempts += 1
-            notification.last_error = error
-            notification.delivery_state = state
-            if state == DeliveryState.DELIVERED:
-                notification.delivered_at = timezone.now()
-            elif state == DeliveryState.PENDING:
-                if notification.attempts >= settings.FL_NOTIFICATION_MAX_ATTEMPTS:
-                    notification.delivery_state = DeliveryState.FAILED
-                else:
-                    notification.next_attempt_at = now + backoff(notification.attempts)
-            notification.save()
+        claimed = _claim(recipient_id)
+        if claimed is None:
+            return delivered
+        state, error = post(claimed)
+        notification = _record(claimed, state, error)
         if notification.delivery_state == DeliveryState.DECLINED:
             from fl_server_ai.trainer import remove_declining_client
 
