@@ -57,3 +57,16 @@ def run_inference(model_id: str, encoded_input: str, seed: int | None = None) ->
 
     model = Model.objects.select_related("weights", "archive").get(pk=model_id)
     return inference.predict(model, inference.decode_tensor(encoded_input), seed)
+
+
+@shared_task
+def sweep_model_store() -> int:
+    """Delete model-store objects that nothing references (left by crashed processes)."""
+    from django.conf import settings
+
+    from fl_server_core.services.blobs import sweep_orphans
+
+    removed = sweep_orphans(settings.FL_SWEEP_GRACE_SECONDS)
+    if removed:
+        log.info("removed %d orphaned model-store objects", len(removed))
+    return len(removed)

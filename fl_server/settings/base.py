@@ -171,8 +171,12 @@ FL_WEIGHT_VERSIONS_KEEP = env_int("FL_WEIGHT_VERSIONS_KEEP", 0)
 FL_INPROCESS_TASKS_ASYNC = env_bool("FL_INPROCESS_TASKS_ASYNC", False)
 FL_INPROCESS_SCHEDULER = env_bool("FL_INPROCESS_SCHEDULER", False)
 
+# Orphaned model-store objects (left by crashed processes) older than this are deleted hourly.
+FL_SWEEP_GRACE_SECONDS = env_int("FL_SWEEP_GRACE_SECONDS", 6 * 3600)
+
 CELERY_BEAT_SCHEDULE = {
     "fl-tick": {"task": "fl_server_ai.tasks.tick", "schedule": FL_TICK_SECONDS},
+    "fl-sweep-model-store": {"task": "fl_server_ai.tasks.sweep_model_store", "schedule": 3600.0},
 }
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600)}
 

@@ -1,5 +1,6 @@
 """Writing objects to the model store together with their `Blob` rows."""
 
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,8 +17,8 @@ class BlobWriter:
         self.written: list[str] = []
 
     def put(self, prefix: str, data: bytes | BinaryIO) -> Blob:
-        """Store `data` under a new key below `prefix` and record it."""
-        key = f"{prefix}/{uuid.uuid4().hex}"
+        """Store `data` under a new key below `prefix` (`<unix time>-<random>`) and record it."""
+        key = f"{prefix}/{int(time.time())}-{uuid.uuid4().hex}"
         self.written.append(key)
         stored = get_model_storage().put(key, data)
         return Blob.objects.create(key=stored.key, size=stored.size, sha256=stored.sha256)
@@ -49,3 +50,28 @@ def read_blob(blob: Blob) -> bytes:
 def model_prefix(model_id: uuid.UUID) -> str:
     """Store prefix of everything that belongs to one model."""
     return f"models/{model_id}"
+
+
+def written_at(key: str) -> int | None:
+    """The write time encoded in a key made by `BlobWriter.put` (None for other keys)."""
+    stamp = key.rsplit("/", 1)[-1].split("-", 1)[0]
+    return int(stamp) if stamp.isdigit() else None
+
+
+def sweep_orphans(grace_seconds: float) -> list[str]:
+    """Delete store objects that no `Blob` row references and that are older than the grace period.
+
+    They are left behind when a process dies between writing an object and committing its row (a killed
+    worker, a lost connection). The grace period must exceed the longest transaction, so that objects of
+    uploads still in flight are never touched.
+    """
+    storage = get_model_storage()
+    referenced = set(Blob.objects.values_list("key", flat=True))
+    cutoff = time.time() - grace_seconds
+    removed = []
+    for key in storage.keys(prefix=""):
+        stamp = written_at(key)
+        if key not in referenced and stamp is not None and stamp < cutoff:
+            storage.delete(key)
+            removed.append(key)
+    return removed

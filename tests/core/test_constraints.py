@@ -308,3 +308,24 @@ def test_deleting_a_swag_update_deletes_its_moments(global_model, client_user, d
     assert not Blob.objects.filter(key__in=keys).exists()
     assert not any(get_model_storage().exist(key) for key in keys)
     assert Model.objects.filter(pk=global_model.pk).exists()
+
+
+@pytest.mark.django_db
+def test_sweep_removes_only_old_unreferenced_objects():
+    import time
+
+    from django.core.management import call_command
+
+    from fl_server_core.services.blobs import BlobWriter, sweep_orphans
+
+    storage = get_model_storage()
+    referenced = BlobWriter().put("models/x/weights", b"kept")  # a row references it
+    old = int(time.time()) - 7200
+    storage.put(f"models/x/weights/{old}-{uuid.uuid4().hex}", b"orphan from a crash")
+    young = f"models/x/weights/{int(time.time())}-{uuid.uuid4().hex}"
+    storage.put(young, b"an upload still in flight")
+    storage.put("legacy/no-timestamp", b"not made by the server")
+    assert len(sweep_orphans(grace_seconds=3600)) == 1
+    assert sorted(storage.keys()) == sorted([referenced.key, young, "legacy/no-timestamp"])
+    call_command("sweep_model_store", "--grace-seconds", "0")
+    assert sorted(storage.keys()) == sorted([referenced.key, "legacy/no-timestamp"])
