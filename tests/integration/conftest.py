@@ -138,7 +138,10 @@ def fl_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
                 "DJANGO_SETTINGS_MODULE": "fl_server.settings.production",
                 "DATABASE_URL": _postgres_url(settings_dict),
                 "CELERY_BROKER_URL": f"{REDIS_URL}/{db_number}",
+                "CELERY_RESULT_BACKEND": f"{REDIS_URL}/{db_number}",
                 "CELERY_TASK_ALWAYS_EAGER": "false",
+                # inference inputs of more than 100 values run on the worker
+                "FL_INFERENCE_WORKER_THRESHOLD": "100",
                 "FL_INPROCESS_TASKS_ASYNC": "false",
                 "FL_INPROCESS_SCHEDULER": "false",
                 # A round left CLOSING this long (its worker was killed) is aggregated again.
