@@ -191,6 +191,19 @@ def _looks_like_pickle(data: bytes) -> bool:
     return len(window) < len(data)  # still parsing valid opcodes at the end of the scan window
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite; a float64 sum first (cheap, no full-size mask), exact check only if it is not.
+
+    A NaN or infinity anywhere makes the sum non-finite; a sum can also overflow without one (only for values near
+    the float64 limit), which is why a non-finite sum is confirmed element by element.
+    """
+    if tensor.is_complex():
+        return bool(torch.isfinite(tensor).all())
+    if torch.isfinite(tensor.sum(dtype=torch.float64)):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def detect_format(data: bytes) -> str:
     """Return ``FORMAT_TORCHSCRIPT``, ``FORMAT_STATE_DICT`` or ``FORMAT_SAFETENSORS`` by looking at the content.
 
@@ -484,7 +497,7 @@ def _mismatch_problems(
             shapes.append(f"{name} (expected {list(s.shape)}, got {list(tensor.shape)})")
         if check_dtypes and _dtype_name(tensor.dtype) != s.dtype:
             dtypes.append(f"{name} (expected {s.dtype}, got {_dtype_name(tensor.dtype)})")
-        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+        if (tensor.is_floating_point() or tensor.is_complex()) and not all_finite(tensor):
             non_finite.append(name)
     problems = []
     for label, items in (

@@ -5,6 +5,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from fl_server_core.serialization import all_finite
+
 Weights = Mapping[str, torch.Tensor]
 
 # Sums live in float64 on the CPU so that the result does not depend on arrival order beyond float64 rounding.
@@ -33,7 +35,7 @@ def _check_matches(shapes: Mapping[str, torch.Size], weights: Weights, what: str
             raise ValueError(f"{what} tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])}")
         if tensor.is_complex():
             raise ValueError(f"{what} tensor {name!r} is complex ({tensor.dtype}); only real tensors are averaged")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise ValueError(f"{what} tensor {name!r} contains NaN or infinite values")
 
 
@@ -88,8 +90,8 @@ class RunningWeightedSum:
             _check_matches(_shapes(weights), weights, "update")
             self.sums = {name: torch.zeros(t.shape, dtype=ACCUMULATOR_DTYPE) for name, t in weights.items()}
         # Everything is validated before the first add, so a rejected update leaves the sums untouched.
-        for name, tensor in weights.items():
-            self.sums[name].add_(_as_float64(tensor), alpha=weight)
+        for name, tensor in weights.items():  # mixed-dtype in-place add: computed in float64, no float64 copy
+            self.sums[name].add_(tensor.detach().to(device="cpu"), alpha=weight)
         self.total_weight += weight
         self.count += 1
 
