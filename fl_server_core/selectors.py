@@ -2,7 +2,7 @@
 
 from django.db.models import Q, QuerySet
 
-from fl_server_core.models import Model, Training, User
+from fl_server_core.models import AggregationMethod, Model, Training, User
 
 
 def visible_users(user: User) -> QuerySet[User]:
@@ -30,7 +30,7 @@ def visible_models(user: User) -> QuerySet[Model]:
         | Q(training__participants=user)
         | Q(base_model__training__actor=user)
         # FedDC hands each client another client's local model to continue from
-        | Q(base_model__training__participants=user, base_model__training__aggregation_method="FedDC")
+        | Q(base_model__training__participants=user, base_model__training__aggregation_method=AggregationMethod.FED_DC)
     ).distinct()
 
 

@@ -10,7 +10,7 @@ from rest_framework.test import APIClient
 
 from fl_server_core.models import Blob, Metric, Model, SWAGUpdate, Training, User
 from fl_server_core.storage import get_model_storage
-from tests.helpers import torchscript_bytes
+from tests.helpers import safetensors_bytes, shifted_weights, torchscript_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -111,6 +111,35 @@ def make_training(
         return training
 
     return do
+
+
+def post_update(
+    api: APIClient, model_id: Any, round_number: int, weights: dict, samples: int, metrics: dict | None = None
+) -> Any:
+    """POST a local update (safetensors) for `model_id`."""
+    body: dict[str, Any] = {
+        "round": round_number,
+        "sample_size": samples,
+        "model_file": upload("u.st", safetensors_bytes(weights)),
+    }
+    if metrics:
+        body["metric_names"] = list(metrics)
+        body["metric_values"] = [str(v) for v in metrics.values()]
+    return api.post(f"/api/models/{model_id}/", body, format="multipart")
+
+
+def upload_round(
+    training: Training, clients: list[User], client_for: Callable, round_number: int, seed: int = 0
+) -> list[tuple[dict, float]]:
+    """Each client uploads a distinct update for the round (201 expected); returns (weights, samples) pairs."""
+    updates = []
+    for i, client in enumerate(clients):
+        weights = shifted_weights(seed + i, 0.1 * (i + 1))
+        samples = 10 * (i + 1)
+        response = post_update(client_for(client), training.model_id, round_number, weights, samples)
+        assert response.status_code == 201, response.json()
+        updates.append((weights, float(samples)))
+    return updates
 
 
 def snapshot() -> dict[str, Any]:

@@ -24,6 +24,7 @@ from fl_server_core.models import (
     Training,
     TrainingRound,
     TrainingState,
+    UncertaintyMethod,
     User,
     WeightsVersion,
 )
@@ -225,7 +226,7 @@ def advance(training: Training, done: TrainingRound) -> None:
         open_round(training, RoundKind.TEST if test_now else RoundKind.UPDATE, rounds_done)
     elif done.kind == RoundKind.TEST and not final:
         open_round(training, RoundKind.UPDATE, rounds_done)
-    elif done.kind == RoundKind.UPDATE and training.uncertainty_method == "SWAG":
+    elif done.kind == RoundKind.UPDATE and training.uncertainty_method == UncertaintyMethod.SWAG:
         open_round(training, RoundKind.SWAG, rounds_done)
     elif done.kind != RoundKind.TEST and tests_enabled(training):
         open_round(training, RoundKind.TEST, rounds_done)

@@ -13,6 +13,7 @@ from fl_server_ai.trainer.lifecycle import lock_training
 from fl_server_core import serialization, signals
 from fl_server_core.exceptions import ConflictError, InvalidInputError, PermissionDeniedError
 from fl_server_core.models import (
+    AggregationMethod,
     LocalModel,
     Metric,
     Model,
@@ -39,7 +40,11 @@ def _training_for_upload(model: Model, user: User) -> Training:
     """The training the upload belongs to (FedDC clients may upload to the local model they continued)."""
     base = model.base_model if model.kind == ModelKind.LOCAL else model
     training = training_of_model(base) if base is not None and base.is_global else None
-    if training is not None and model.kind == ModelKind.LOCAL and training.aggregation_method != "FedDC":
+    if (
+        training is not None
+        and model.kind == ModelKind.LOCAL
+        and training.aggregation_method != AggregationMethod.FED_DC
+    ):
         training = None  # only FedDC hands local models to other clients to continue from
     if training is None:
         raise ConflictError("This model is not the global model of a training; updates cannot be uploaded to it.")

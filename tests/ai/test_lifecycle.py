@@ -5,39 +5,21 @@ from typing import Any
 
 import pytest
 import torch
-from rest_framework.test import APIClient
 
 from fl_server_ai.aggregation import weighted_mean
-from fl_server_core.models import Notification, RoundKind, Training, TrainingRound, User
+from fl_server_core.models import Notification, RoundKind, TrainingRound
 from fl_server_core.services.models import read_weights
-from tests.conftest import upload
-from tests.helpers import safetensors_bytes, shifted_weights
+from tests.conftest import post_update, upload_round
+from tests.helpers import shifted_weights
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def post_update(api: APIClient, model_id: Any, round_number: int, weights: dict, samples: int) -> Any:
-    body = {"round": round_number, "sample_size": samples, "model_file": upload("u.st", safetensors_bytes(weights))}
-    return api.post(f"/api/models/{model_id}/", body, format="multipart")
-
-
-def run_round(training: Training, clients: list[User], client_for: Callable, round_number: int, seed: int) -> list:
-    """Every client uploads a distinct update; returns (weights, samples) pairs."""
-    updates = []
-    for i, client in enumerate(clients):
-        weights = shifted_weights(seed + i, 0.1 * (i + 1))
-        samples = 10 * (i + 1)
-        response = post_update(client_for(client), training.model_id, round_number, weights, samples)
-        assert response.status_code == 201, response.json()
-        updates.append((weights, float(samples)))
-    return updates
 
 
 def test_fedavg_three_rounds_gives_the_exact_weighted_means(actor, participants, client_for, make_training):
     training = make_training(actor, participants, start=True, target_num_updates=3, options={"skip_model_tests": True})
     expected = None
     for round_number in range(3):
-        updates = run_round(training, participants, client_for, round_number, seed=round_number * 10)
+        updates = upload_round(training, participants, client_for, round_number, seed=round_number * 10)
         training.refresh_from_db()
         like = updates[0][0]
         expected = weighted_mean(updates, like)
@@ -60,7 +42,7 @@ def test_fedavg_three_rounds_gives_the_exact_weighted_means(actor, participants,
 
 def test_model_test_rounds_close_when_every_client_reported(actor, participants, client_for, make_training):
     training = make_training(actor, participants, start=True, target_num_updates=2)
-    run_round(training, participants, client_for, 0, seed=0)
+    upload_round(training, participants, client_for, 0, seed=0)
     training.refresh_from_db()
     assert (training.current_round.kind, training.current_round.number) == (RoundKind.TEST, 1)
     for client in participants:
@@ -97,7 +79,7 @@ def test_workflow_events_fire_in_order_inside_the_transitions(actor, participant
         training = make_training(
             actor, participants[:1], start=True, target_num_updates=1, options={"skip_model_tests": True}
         )
-        run_round(training, participants[:1], client_for, 0, seed=1)
+        upload_round(training, participants[:1], client_for, 0, seed=1)
     finally:
         for name, receiver in receivers.items():
             getattr(signals, name).disconnect(receiver)
