@@ -192,14 +192,15 @@ def _looks_like_pickle(data: bytes) -> bool:
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every value is finite; a float64 sum first (cheap, no full-size mask), exact check only if it is not.
+    """Whether every value is finite: a sum first (cheap, no full-size mask), the exact check only if it is not.
 
-    A NaN or infinity anywhere makes the sum non-finite; a sum can also overflow without one (only for values near
-    the float64 limit), which is why a non-finite sum is confirmed element by element.
+    A NaN or infinity anywhere makes the sum non-finite, so a finite sum proves every value finite. The sum is taken
+    in the tensor's own dtype (several times faster than a widened one); if it overflows without any NaN or
+    infinity (large values), the element-by-element check decides.
     """
     if tensor.is_complex():
         return bool(torch.isfinite(tensor).all())
-    if torch.isfinite(tensor.sum(dtype=torch.float64)):
+    if torch.isfinite(tensor.sum()):
         return True
     return bool(torch.isfinite(tensor).all())
 

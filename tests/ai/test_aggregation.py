@@ -453,3 +453,33 @@ def test_aggregation_package_does_not_import_django():
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_fold_of_large_mixed_dtype_tensors_matches_float64_reference() -> None:
+    """Tensors beyond one conversion chunk, non-contiguous views and non-float32 dtypes fold exactly."""
+    from fl_server_ai.aggregation.mean import FOLD_CHUNK
+
+    generator = torch.Generator().manual_seed(7)
+    n = 2 * FOLD_CHUNK + 123
+    base = torch.randn(n, 3, generator=generator)
+    updates = [
+        {
+            "wide": torch.randn(n, generator=generator),
+            "view": base.t()[index % 3],  # non-contiguous
+            "half": torch.randn(FOLD_CHUNK + 5, generator=generator).half(),
+            "double": torch.randn(17, generator=generator, dtype=torch.float64),
+            "count": torch.tensor(index + 1),
+        }
+        for index in range(3)
+    ]
+    sizes = [3.0, 5.0, 11.0]
+    accumulator = RunningWeightedSum()
+    for update, size in zip(updates, sizes, strict=True):
+        accumulator.fold(update, size)
+    for name in updates[0]:
+        expected = sum(u[name].double() * size for u, size in zip(updates, sizes, strict=True))
+        assert accumulator.sums[name].dtype == torch.float64
+        if name == "double":  # products of float64 values round (a fused multiply-add may differ in the last bit)
+            torch.testing.assert_close(accumulator.sums[name], expected, rtol=1e-14, atol=0)
+        else:  # products of narrower values are exact in float64
+            assert torch.equal(accumulator.sums[name], expected), name

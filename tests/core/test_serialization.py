@@ -20,6 +20,7 @@ from fl_server_core.serialization import (
     PickledModelError,
     TensorSpec,
     WeightsMismatchError,
+    all_finite,
     detect_format,
     export_torchscript,
     load_global_model,
@@ -511,3 +512,17 @@ def test_export_torchscript_rejects_mismatch(ts_bytes, state_dict):
     bad = {**state_dict, "fc.weight": torch.zeros(4, 3)}
     with pytest.raises(WeightsMismatchError, match=r"fc\.weight"):
         export_torchscript(ts_bytes, bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_is_exact_even_when_the_sum_overflows(dtype: torch.dtype) -> None:
+    big = torch.full((1000,), torch.finfo(dtype).max / 2, dtype=dtype)  # finite values whose sum overflows
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for base in (big, torch.zeros(1000, dtype=dtype)):
+            broken = base.clone()
+            broken[123] = bad
+            assert not all_finite(broken), (dtype, bad)
+    mixed = torch.zeros(10, dtype=dtype)
+    mixed[0], mixed[1] = float("inf"), float("-inf")  # inf + -inf = nan: still caught
+    assert not all_finite(mixed)
