@@ -589,6 +589,7 @@ class Outcome:
     seconds: float  # from the start request to the last client hearing TRAINING_FINISHED
     server_peak_mib: float
     max_abs_diff_vs_expected: float
+    rounds: list[dict[str, Any]]  # GET /api/trainings/<id>/rounds/
 
     @property
     def errors(self) -> list[str]:
@@ -644,6 +645,7 @@ def run_training(
                 fleet.run(clients, timeout)
                 finished = [a for a in fleet.arrivals if a.kind == "TRAINING_FINISHED"]
                 training = fetch(stack.url, actor, f"/api/trainings/{training_id}/").json()
+                rounds_done = fetch(stack.url, actor, f"/api/trainings/{training_id}/rounds/").json()
                 final = final_weights(stack.url, actor, finished[0].body["global_model_uuid"])
             finally:
                 fleet.close()
@@ -665,6 +667,7 @@ def run_training(
         seconds=max(a.at for a in finished) - started,
         server_peak_mib=memory.peak_mib,
         max_abs_diff_vs_expected=max_abs_diff(final, expected),
+        rounds=rounds_done,
     )
 
 

@@ -10,7 +10,8 @@ the last upload's 201 response to the moment the last client received the next r
 (or `TRAINING_FINISHED` after the last round): the server validates nothing more then, it aggregates, stores
 the new global weights, opens the next round and pushes the notifications. (A notification can reach a client
 before the uploading client has finished reading its 201; such a round counts 0.) Upload throughput is the uploaded
-MiB of a round over the time from its first upload request to its last 201, averaged over the rounds.
+MiB of a round over the time from its first upload request to its last 201, averaged over the rounds. The
+server's own aggregation time per round (from the rounds API) shows how much of the latency is aggregation.
 
 `--compare-embedded` (with the production options) runs the embedded profile too, in the same run, and
 reports both side by side. The final global weights are checked against the expected weighted mean.
@@ -50,7 +51,9 @@ def measure(outcome: Outcome, rounds: int) -> dict[str, Any]:
         latencies.append(max(0.0, max(follows) - last_201))
         phase = last_201 - min(r.started for r in uploads)
         throughputs.append(sum(r.sent_bytes for r in uploads) / MIB / phase)
+    aggregation = [r["aggregation_seconds"] for r in outcome.rounds if r.get("aggregation_seconds") is not None]
     return {
+        "aggregation_s": {"median": round(statistics.median(aggregation), 3), "max": round(max(aggregation), 3)},
         "close_latency_s": {
             "median": round(statistics.median(latencies), 3),
             "max": round(max(latencies), 3),
@@ -100,11 +103,15 @@ def print_table(report: dict[str, Any]) -> None:
         f"\nround latency: {report['params']:,} parameters, {report['clients']} clients, {report['rounds']} rounds "
         f"({report['machine']})"
     )
-    print(f"{'profile':<12}{'median s':>10}{'max s':>10}{'upload MiB/s':>14}{'server MiB':>12}{'errors':>8}")
+    print(
+        f"{'profile':<12}{'median s':>10}{'max s':>10}{'aggregation s':>15}{'upload MiB/s':>14}{'server MiB':>12}"
+        f"{'errors':>8}"
+    )
     for name, r in report["results"].items():
         latency = r["close_latency_s"]
         print(
-            f"{name:<12}{latency['median']:>10.3f}{latency['max']:>10.3f}{r['upload_mib_per_s']:>14.1f}"
+            f"{name:<12}{latency['median']:>10.3f}{latency['max']:>10.3f}{r['aggregation_s']['median']:>15.3f}"
+            f"{r['upload_mib_per_s']:>14.1f}"
             f"{r['server_peak_rss_mib']:>12.1f}{r['errors']:>8}"
         )
     print(f"target: median close latency under {report['target_median_s']} s")

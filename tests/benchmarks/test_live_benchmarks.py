@@ -81,6 +81,7 @@ def test_round_latency_benchmark(tmp_path: Path, production_options: list[str]) 
         latency = result["close_latency_s"]
         assert len(latency["per_round"]) == 2 and all(x >= 0 for x in latency["per_round"])
         assert 0 <= latency["median"] <= latency["max"] == max(latency["per_round"])
+        assert 0 < result["aggregation_s"]["median"] <= result["aggregation_s"]["max"]
         assert result["upload_mib_per_s"] > 0 and result["server_peak_rss_mib"] > 0
         assert result["max_abs_diff_vs_expected"] < 1e-5 and result["errors"] == 0
     first = next(iter(report["results"].values()))
