@@ -98,6 +98,13 @@ class TensorSpec:
     dtype: str
     is_parameter: bool
 
+    def placeholder(self) -> torch.Tensor:
+        """A tensor of this shape and dtype on the ``meta`` device: no data, nothing allocated."""
+        dtype = getattr(torch, self.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"Unknown dtype {self.dtype!r} in the tensor spec of {self.name!r}.")
+        return torch.empty(self.shape, dtype=dtype, device="meta")
+
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-serializable dict."""
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "is_parameter": self.is_parameter}

@@ -38,7 +38,7 @@ def _check_matches(shapes: Mapping[str, torch.Size], weights: Weights, what: str
             raise ValueError(f"{what} tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])}")
         if tensor.is_complex():
             raise ValueError(f"{what} tensor {name!r} is complex ({tensor.dtype}); only real tensors are averaged")
-        if tensor.is_floating_point() and not all_finite(tensor):
+        if tensor.is_floating_point() and not tensor.is_meta and not all_finite(tensor):
             raise ValueError(f"{what} tensor {name!r} contains NaN or infinite values")
 
 
@@ -114,7 +114,7 @@ class RunningWeightedSum:
         self.count += 1
 
     def finalize(self, like: Weights) -> dict[str, torch.Tensor]:
-        """The weighted mean, in the names and dtypes of `like`; ValueError if nothing was folded."""
+        """The weighted mean, in the names and dtypes of `like` (meta tensors will do); ValueError if nothing folded."""
         if not self.count:
             raise ValueError("nothing to aggregate: no update was folded")
         return _finalized(self.sums, self.total_weight, like)

@@ -30,7 +30,7 @@ from fl_server_core.models import (
 )
 from fl_server_core.receivers import release_blobs
 from fl_server_core.services.blobs import BlobWriter, model_prefix
-from fl_server_core.services.models import read_weights
+from fl_server_core.services.models import read_weights, tensor_spec
 
 FINISHED = (TrainingState.COMPLETED, TrainingState.ERROR)
 
@@ -167,13 +167,15 @@ def _complete_update_round(training: Training, round_: TrainingRound, blobs: Blo
     strategy = get_strategy(training.aggregation_method)
     if strategy.is_aggregation_round(round_.number, training.options):
         signals.before_aggregation.send(sender=Training, training=training, round=round_)
-        like = read_weights(model)
-        if strategy.streaming:
-            new = load_accumulator(round_).finalize(like)
+        if strategy.streaming:  # names, shapes and dtypes suffice: the current weights are not read
+            new = load_accumulator(round_).finalize({s.name: s.placeholder() for s in tensor_spec(model)})
         else:
             updates = LocalModel.objects.filter(base_model=model, round=round_.number).select_related("weights")
+            like = read_weights(model)
             new = strategy.aggregate([(read_weights(u), float(u.sample_size)) for u in updates], like)
-        broken = [name for name, tensor in new.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+        broken = [
+            name for name, tensor in new.items() if tensor.is_floating_point() and not serialization.all_finite(tensor)
+        ]
         if broken:
             raise ValueError(f"the aggregated weights are not finite in {', '.join(broken[:5])}")
         _new_weights(model, new, round_.number + 1, blobs)

@@ -483,3 +483,18 @@ def test_fold_of_large_mixed_dtype_tensors_matches_float64_reference() -> None:
             torch.testing.assert_close(accumulator.sums[name], expected, rtol=1e-14, atol=0)
         else:  # products of narrower values are exact in float64
             assert torch.equal(accumulator.sums[name], expected), name
+
+
+def test_finalize_like_meta_placeholders_equals_finalize_like_real_weights() -> None:
+    from fl_server_core.serialization import spec_of_weights
+
+    like = {"w": torch.zeros(4, 3), "h": torch.zeros(5, dtype=torch.float16), "n": torch.zeros((), dtype=torch.int64)}
+    accumulator = RunningWeightedSum()
+    for index, size in enumerate((2.0, 7.0)):
+        accumulator.fold({k: torch.full_like(v, index + 0.3, dtype=torch.float32) for k, v in like.items()}, size)
+    placeholders = {spec.name: spec.placeholder() for spec in spec_of_weights(like)}
+    assert all(t.is_meta for t in placeholders.values())
+    by_meta, by_real = accumulator.finalize(placeholders), accumulator.finalize(like)
+    assert list(by_meta) == list(by_real) == list(like)
+    for name in like:
+        assert by_meta[name].dtype == like[name].dtype and torch.equal(by_meta[name], by_real[name]), name

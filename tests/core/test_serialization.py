@@ -526,3 +526,11 @@ def test_all_finite_is_exact_even_when_the_sum_overflows(dtype: torch.dtype) -> 
     mixed = torch.zeros(10, dtype=dtype)
     mixed[0], mixed[1] = float("inf"), float("-inf")  # inf + -inf = nan: still caught
     assert not all_finite(mixed)
+
+
+def test_tensor_spec_placeholder_allocates_nothing_and_refuses_unknown_dtypes() -> None:
+    placeholder = TensorSpec("w", (1000, 1000, 1000), "bfloat16", True).placeholder()
+    assert placeholder.is_meta and placeholder.shape == (1000, 1000, 1000) and placeholder.dtype == torch.bfloat16
+    for bad in ("float128", "Tensor", "__class__"):
+        with pytest.raises(ValueError, match="Unknown dtype"):
+            TensorSpec("w", (2,), bad, True).placeholder()
