@@ -18,8 +18,15 @@ from django.db import close_old_connections, transaction
 log = logging.getLogger(__name__)
 
 
+# In process, tasks that mostly wait on the network get a wider pool of their own: pushing a round's
+# notifications then never waits behind an aggregation, nor one endpoint behind another.
+NETWORK_TASKS = frozenset({"fl_server_ai.tasks.deliver_notifications"})
+
+
 @cache
-def _executor() -> ThreadPoolExecutor:
+def _executor(network: bool = False) -> ThreadPoolExecutor:
+    if network:
+        return ThreadPoolExecutor(max_workers=8, thread_name_prefix="fl-push")
     return ThreadPoolExecutor(max_workers=2, thread_name_prefix="fl-task")
 
 
@@ -36,7 +43,7 @@ def dispatch_now(task: Task, *args: Any) -> None:
     """Start the task now (a worker, a background thread, or inline)."""
     try:
         if settings.CELERY_TASK_ALWAYS_EAGER and settings.FL_INPROCESS_TASKS_ASYNC:
-            _executor().submit(_run_in_thread, task, args)
+            _executor(task.name in NETWORK_TASKS).submit(_run_in_thread, task, args)
         elif settings.CELERY_TASK_ALWAYS_EAGER:
             task.apply(args=args, throw=True)
         else:
