@@ -13,7 +13,7 @@ Weights = Mapping[str, torch.Tensor]
 ACCUMULATOR_DTYPE = torch.float64
 # Elements converted to float64 at a time while folding: an in-place add of another dtype is several times slower
 # than converting a cache-sized chunk into a float64 buffer and adding that, and no full-size float64 copy is made.
-FOLD_CHUNK = 1 << 16
+FOLD_CHUNK = 1 << 18
 
 
 def _checked_weight(weight: float) -> float:
