@@ -11,5 +11,6 @@ urlpatterns = [
     re_path(r"^api/", api_not_found),  # unknown API paths answer JSON, with DEBUG on too
 ]
 
+handler400 = "fl_server_api.errors.json_bad_request"
 handler404 = "fl_server_api.errors.json_not_found"
 handler500 = "fl_server_api.errors.json_server_error"

@@ -23,7 +23,7 @@ def parse_json_input(values: Any) -> torch.Tensor:
         raise InvalidInputError("model_input must be a non-empty list of input rows.")
     try:
         tensor = torch.tensor(values, dtype=torch.float32)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise InvalidInputError(f"model_input must be a rectangular array of numbers: {error}") from None
     return _checked(tensor)
 
@@ -43,16 +43,18 @@ def parse_tensor_file(data: bytes) -> torch.Tensor:
         raise InvalidInputError(f"model_input: not a tensor file ({type(error).__name__}: {error}).") from None
     if not isinstance(tensor, torch.Tensor):
         raise InvalidInputError("model_input: the file must hold exactly one tensor.")
-    return _checked(tensor.float())
+    return _checked(tensor)
 
 
 def _checked(tensor: torch.Tensor) -> torch.Tensor:
+    """Size first: a file can declare an expanded view far larger than its data, which `float()` would allocate."""
     if tensor.numel() > settings.FL_INFERENCE_MAX_ELEMENTS:
         raise TooLargeError(
             f"model_input has {tensor.numel()} values; the limit is {settings.FL_INFERENCE_MAX_ELEMENTS}."
         )
     if tensor.dim() == 0:
         raise InvalidInputError("model_input must have a batch dimension.")
+    tensor = tensor.float()
     if not torch.isfinite(tensor).all():
         raise InvalidInputError("model_input holds NaN or infinite values.")
     return tensor

@@ -1,4 +1,9 @@
-"""Celery tasks: idempotent, acknowledged late, safe to retry or run twice."""
+"""Celery tasks: idempotent, acknowledged late, safe to retry or run twice.
+
+Only `run_inference` has a result anyone reads. The others ignore theirs: otherwise every dispatch would
+also subscribe the sending process to the task's result in the result store, and with that store
+unreachable each dispatch would block for its reconnection attempts (about 20 s) inside the request.
+"""
 
 import logging
 from datetime import timedelta
@@ -16,19 +21,19 @@ log = logging.getLogger(__name__)
 __all__ = ["close_round", "deliver_notifications", "dispatch", "tick"]
 
 
-@shared_task(acks_late=True, autoretry_for=(OperationalError,), retry_backoff=True, max_retries=10)
+@shared_task(acks_late=True, ignore_result=True, autoretry_for=(OperationalError,), retry_backoff=True, max_retries=10)
 def close_round(round_id: int) -> bool:
     """Aggregate a closing round (exactly once) and open what follows."""
     return trainer.close_round(round_id)
 
 
-@shared_task(acks_late=True)
+@shared_task(acks_late=True, ignore_result=True)
 def deliver_notifications(recipient_id: str) -> int:
     """Push a recipient's pending notifications in order."""
     return notifications.deliver_pending(recipient_id)
 
 
-@shared_task
+@shared_task(ignore_result=True)
 def tick() -> None:
     """Periodic check: close overdue rounds, re-drive stuck aggregations, retry due deliveries."""
     from django.conf import settings
@@ -59,7 +64,7 @@ def run_inference(model_id: str, encoded_input: str, seed: int | None = None) ->
     return inference.predict(model, inference.decode_tensor(encoded_input), seed)
 
 
-@shared_task
+@shared_task(ignore_result=True)
 def sweep_model_store() -> int:
     """Delete model-store objects that nothing references (left by crashed processes)."""
     from django.conf import settings

@@ -2,11 +2,12 @@
 
 from typing import Any
 
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import OperationalError
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, UnreadablePostError
 from django.views.decorators.csrf import csrf_exempt
-from django.views.defaults import page_not_found
+from django.views.defaults import bad_request, page_not_found
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -44,6 +45,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         response = Response({"detail": f"The server is busy, retry shortly ({exc})."}, status=503)
         response["Retry-After"] = "1"
         return response
+    if isinstance(exc, UnreadablePostError):  # the client went away mid-request: nothing was processed
+        detail = f"The request body could not be read completely ({exc}). Nothing was stored; send it again."
+        return Response({"detail": detail}, status=status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(exc.messages)
     if isinstance(exc, exceptions.ValidationError):
@@ -56,6 +60,14 @@ def json_not_found(request: HttpRequest, exception: Exception | None = None) -> 
     if request.path.startswith("/api/"):
         return JsonResponse({"detail": "Not found."}, status=404)
     return page_not_found(request, exception)
+
+
+def json_bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """400 for requests Django refuses itself (too many fields or files, a bad Host): JSON under /api/."""
+    if request.path.startswith("/api/"):
+        explained = isinstance(exception, TooManyFieldsSent | TooManyFilesSent | RequestDataTooBig)
+        return JsonResponse({"detail": str(exception) if explained else "Bad request."}, status=400)
+    return bad_request(request, exception)
 
 
 def json_server_error(request: HttpRequest) -> JsonResponse:

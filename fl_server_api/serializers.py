@@ -20,6 +20,7 @@ from fl_server_core.models import (
     UncertaintyMethod,
     User,
 )
+from fl_server_core.services.trainings import MAX_ROUNDS
 
 
 class UserSerializer(serializers.ModelSerializer):
@@ -156,7 +157,7 @@ class TrainingCreateSerializer(serializers.Serializer):
     """Request body of `POST /api/trainings/`."""
 
     model_id = serializers.UUIDField()
-    target_num_updates = serializers.IntegerField(min_value=1, max_value=1_000_000)
+    target_num_updates = serializers.IntegerField(min_value=1, max_value=MAX_ROUNDS)
     metric_names = serializers.ListField(child=serializers.CharField(max_length=256), default=list)
     aggregation_method = serializers.ChoiceField(choices=AggregationMethod.choices, default=AggregationMethod.FED_AVG)
     uncertainty_method = serializers.ChoiceField(choices=UncertaintyMethod.choices, default=UncertaintyMethod.NONE)

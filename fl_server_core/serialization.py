@@ -64,7 +64,10 @@ _ACCEPTED_UPDATE_FORMATS = (
 _GLOBAL_MODEL_HOWTO = "Upload the global model as a TorchScript archive: torch.jit.save(torch.jit.script(model), f)."
 _MAX_LIST = 5  # names listed per problem category in error messages
 _MAX_ARCHIVE_TEXT_ENTRY = 256 * 1024 * 1024  # bytes read per non-tensor zip entry when scanning TorchScript archives
-_PICKLE_SCAN_WINDOW = 64 * 1024 * 1024  # bytes parsed (never executed) when sniffing for a pickle
+_PICKLE_SCAN_WINDOW = 1024 * 1024  # bytes parsed (never executed) when sniffing for a pickle: ~0.3 s of opcodes
+# Declared content bytes a zip archive may hold per byte of archive. torch stores tensor data uncompressed and
+# deflates only its code (legitimate archives stay below ~2); a zip bomb declares hundreds of times its size.
+_MAX_ZIP_EXPANSION = 16
 _FORBIDDEN_TORCHSCRIPT_HOOKS = (b"__setstate__", b"__getstate__")
 _ORDER_KEY = "fl_server.order"  # safetensors metadata entry recording the original key order
 
@@ -146,7 +149,16 @@ def _open_zip(data: bytes) -> zipfile.ZipFile:
         ) from exc
     names = archive.namelist()
     if len(names) != len(set(names)):
+        archive.close()
         raise ModelFormatError("The zip archive contains duplicate entry names; re-save the model with torch.")
+    declared = sum(info.file_size for info in archive.infolist())
+    if declared > _MAX_ZIP_EXPANSION * len(data):
+        archive.close()
+        raise ModelFormatError(
+            f"The zip archive declares {declared} bytes of content in a file of {len(data)} bytes (more than "
+            f"{_MAX_ZIP_EXPANSION} times its size), which is how zip bombs look; it is refused unread. "
+            "Upload the file as torch.save or torch.jit.save wrote it."
+        )
     return archive
 
 
@@ -188,14 +200,15 @@ def _looks_like_pickle(data: bytes) -> bool:
     """Whether ``data`` parses as pickle opcodes (static parse with pickletools; nothing is executed)."""
     if data[0] == pickle.PROTO[0]:
         return len(data) >= 2 and 2 <= data[1] <= pickle.HIGHEST_PROTOCOL
-    window = data[:_PICKLE_SCAN_WINDOW]
+    window = io.BytesIO(data[:_PICKLE_SCAN_WINDOW])
     try:
         for opcode, _arg, _pos in pickletools.genops(window):
             if opcode.name == "STOP":
                 return True
-    except Exception:  # any parse failure means "not a pickle"
-        return False
-    return len(window) < len(data)  # still parsing valid opcodes at the end of the scan window
+    except Exception:  # a parse failure inside the window means "not a pickle"
+        # running out of window is no failure: valid opcodes up to its end, with more data beyond, look like a pickle
+        return window.tell() == _PICKLE_SCAN_WINDOW < len(data)
+    return False
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -290,14 +303,32 @@ def _torch_load_weights_only(data: bytes, *, global_model: bool = False) -> Any:
         ) from exc
 
 
+def _check_backed(name: str, tensor: torch.Tensor, source: str) -> None:
+    """Refuse a tensor with more elements than its stored data (an expanded or overlapping view).
+
+    A few bytes can declare a tensor of any size that way; copying, converting or summing it would allocate or
+    compute at that size.
+    """
+    stored = tensor.untyped_storage().nbytes()
+    if tensor.numel() * tensor.element_size() > stored:
+        raise ModelFormatError(
+            f"The {source} entry {name!r} declares {tensor.numel()} elements (shape {list(tensor.shape)}) but "
+            f"stores only {stored} bytes: an expanded view, not a real tensor. Save real tensors (.contiguous())."
+        )
+
+
 def _jit_load(data: bytes) -> torch.jit.ScriptModule:
     _check_torchscript_archive(data)
     try:
-        return torch.jit.load(io.BytesIO(data), map_location="cpu")
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError and friends on bad archives
         raise ModelFormatError(
             f"The TorchScript archive cannot be loaded (corrupt or truncated upload?): {_short(exc)}."
         ) from exc
+    for name, value in module.state_dict().items():
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+            _check_backed(name, value, "TorchScript model's state_dict")
+    return module
 
 
 def load_torchscript(data: bytes) -> torch.jit.ScriptModule:
@@ -399,6 +430,7 @@ def _flat_weights(obj: Any, source: str) -> dict[str, torch.Tensor]:
             )
         if value.layout != torch.strided:
             raise ModelFormatError(f"The {source} entry {key!r} is a {value.layout} tensor; only dense tensors work.")
+        _check_backed(key, value, source)
         weights[key] = value.detach()
     return weights
 

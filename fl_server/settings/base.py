@@ -41,6 +41,7 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "fl_server.urls"
+SESSION_ENGINE = "fl_server_api.sessions"
 WSGI_APPLICATION = "fl_server.wsgi.application"
 AUTH_USER_MODEL = "fl_server_core.User"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -87,13 +88,13 @@ STATIC_ROOT = Path(env_str("STATIC_ROOT", str(BASE_DIR / "staticfiles")))
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "fl_server_api.authentication.TokenAuthentication",
         "fl_server_api.authentication.BasicOrTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PARSER_CLASSES": [
-        "rest_framework.parsers.JSONParser",
+        "fl_server_api.parsers.JSONParser",
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],

@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import torch
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 
 from fl_server_ai.aggregation import get_strategy
 from fl_server_ai.trainer import rounds
@@ -83,8 +83,15 @@ class _RoundSumBrokenError(Exception):
 
 
 def _fold(training: Training, weights: dict[str, torch.Tensor], sample_size: int, blobs: BlobWriter) -> None:
+    """Fold the update into the round's running sum; a failure of the sum itself is a _RoundSumBrokenError.
+
+    Database errors (a dropped connection, a failover) say nothing about the sum: they propagate, the
+    upload's transaction rolls back and the client may retry (503).
+    """
     try:
         fold_into_round(training.current_round, weights, float(sample_size), blobs)
+    except DatabaseError:
+        raise
     except Exception as error:
         raise _RoundSumBrokenError(f"{type(error).__name__}: {error}") from error
 

@@ -1,5 +1,6 @@
 """Request parsing helpers shared by the views."""
 
+from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
@@ -8,6 +9,14 @@ from rest_framework.request import Request
 
 from fl_server_core.exceptions import InvalidInputError, TooLargeError
 from fl_server_core.models import Model, Training
+
+
+def fields_of(request: Request) -> Mapping[str, Any]:
+    """The request's fields: a form or a JSON object (other JSON bodies, e.g. a list, are a 400)."""
+    data = request.data
+    if not isinstance(data, Mapping):
+        raise InvalidInputError("The request body must be a JSON object or a form.")
+    return data
 
 
 def get_list(data: Any, key: str) -> list[Any]:
@@ -27,11 +36,16 @@ def get_text(data: Any, key: str, required: bool = True, max_length: int = 256) 
         return ""
     if not isinstance(value, str) or len(value) > max_length:
         raise InvalidInputError(f"{key}: must be text of at most {max_length} characters.")
+    if "\x00" in value:
+        raise InvalidInputError(f"{key}: must not contain NUL characters.")
     return value.strip()
 
 
 MAX_INT32 = 2**31 - 1
 MAX_INT64 = 2**63 - 1
+# Samples per client and round: the server sums them (in floating point too), and sums of millions of clients
+# must still fit a database bigint.
+MAX_SAMPLE_SIZE = 10**12
 
 
 def get_int(data: Any, key: str, minimum: int = 0, maximum: int = MAX_INT32) -> int:

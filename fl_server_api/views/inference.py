@@ -8,7 +8,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from fl_server_ai import inference, tasks
-from fl_server_api.views.common import get_text, read_upload
+from fl_server_api.views.common import MAX_INT64, fields_of, get_int, get_text, read_upload
 from fl_server_api.views.models import readable_model
 from fl_server_core.exceptions import InvalidInputError
 
@@ -43,7 +43,7 @@ class InferenceView(APIView):
     )
     def post(self, request: Request) -> Response:
         """Run the model on `model_input` (JSON rows or a tensor file); never unpickles the input."""
-        data = request.data
+        data = fields_of(request)
         model = readable_model(request, get_text(data, "model_id", max_length=64))
         if data.get("return_format", "json") != "json":
             raise InvalidInputError("return_format: only 'json' is supported.")
@@ -51,8 +51,11 @@ class InferenceView(APIView):
             x = inference.parse_tensor_file(read_upload(request, "model_input"))
         else:
             x = inference.parse_json_input(data.get("model_input"))
-        seed = data.get("seed")
-        seed = int(seed) if seed not in (None, "") and str(seed).lstrip("-").isdigit() else None
+        seed = (
+            get_int(data, "seed", minimum=-MAX_INT64 - 1, maximum=MAX_INT64)
+            if data.get("seed") not in (None, "")
+            else None
+        )
         on_worker = not settings.CELERY_TASK_ALWAYS_EAGER and settings.CELERY_RESULT_BACKEND
         if on_worker and x.numel() > settings.FL_INFERENCE_WORKER_THRESHOLD:
             pending = tasks.run_inference.delay(str(model.id), inference.encode_tensor(x), seed)

@@ -13,7 +13,15 @@ from rest_framework.views import APIView
 
 from fl_server_ai import trainer
 from fl_server_api.serializers import DetailSerializer, MetricSerializer, ModelMetadataSerializer, ModelSerializer
-from fl_server_api.views.common import MAX_INT64, get_int, get_list, get_model, get_text, read_upload
+from fl_server_api.views.common import (
+    MAX_SAMPLE_SIZE,
+    fields_of,
+    get_int,
+    get_list,
+    get_model,
+    get_text,
+    read_upload,
+)
 from fl_server_core.exceptions import InvalidInputError, PermissionDeniedError
 from fl_server_core.models import Model, ModelKind
 from fl_server_core.selectors import can_manage_model, can_read_model, visible_models
@@ -82,7 +90,7 @@ class ModelListView(APIView):
     )
     def post(self, request: Request) -> Response:
         """Upload a TorchScript global model (or `type=MEAN` with `models`)."""
-        data = request.data
+        data = fields_of(request)
         name = get_text(data, "name")
         description = get_text(data, "description", required=False, max_length=10_000)
         kind = str(data.get("type") or ModelKind.GLOBAL).strip().upper()
@@ -165,7 +173,7 @@ class ModelDetailView(APIView):
     def post(self, request: Request, pk: str) -> Response:
         """A participant's local update of this global model for the current round."""
         model = get_model(pk)
-        data = request.data
+        data = fields_of(request)
         owner = data.get("owner")
         if owner not in (None, ""):
             try:
@@ -175,7 +183,7 @@ class ModelDetailView(APIView):
             if owner_id != request.user.pk:
                 raise PermissionDeniedError("owner: you can only upload your own updates.")
         round_number = get_int(data, "round")
-        sample_size = get_int(data, "sample_size", minimum=1, maximum=MAX_INT64)
+        sample_size = get_int(data, "sample_size", minimum=1, maximum=MAX_SAMPLE_SIZE)
         metrics = model_services.parse_metrics(get_list(data, "metric_names"), get_list(data, "metric_values"))
         update = read_upload(request, "model_file")
         trainer.accept_local_update(model, request.user, round_number, sample_size, update, metrics)
@@ -225,7 +233,7 @@ class ModelMetricsView(APIView):
     def post(self, request: Request, pk: str) -> Response:
         """Report metric values (`metric_names` and `metric_values`, repeated)."""
         model = get_model(pk)
-        data = request.data
+        data = fields_of(request)
         names = get_list(data, "metric_names")
         texts = get_list(data, "metric_values")
         file_slots = [name for name in names if name in request.FILES]
@@ -291,9 +299,9 @@ class ModelSwagView(APIView):
     def post(self, request: Request, pk: str) -> Response:
         """Upload first and second moments (flat tensors in `model.parameters()` order)."""
         model = get_model(pk)
-        data = request.data
+        data = fields_of(request)
         round_number = get_int(data, "round")
-        sample_size = get_int(data, "sample_size", minimum=1, maximum=MAX_INT64)
+        sample_size = get_int(data, "sample_size", minimum=1, maximum=MAX_SAMPLE_SIZE)
         first = read_upload(request, "first_moment_file")
         second = read_upload(request, "second_moment_file")
         trainer.accept_swag_update(model, request.user, round_number, sample_size, first, second)

@@ -1,13 +1,18 @@
 """Writing objects to the model store together with their `Blob` rows."""
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
+from django.db import DatabaseError
+
 from fl_server_core.models import Blob
 from fl_server_core.storage import get_model_storage
+
+log = logging.getLogger(__name__)
 
 
 class BlobWriter:
@@ -24,16 +29,32 @@ class BlobWriter:
         return Blob.objects.create(key=stored.key, size=stored.size, sha256=stored.sha256)
 
     def discard(self) -> None:
-        """Remove everything written so far (the transaction that referenced it failed)."""
+        """Remove what was written so far, unless its row was committed after all.
+
+        The transaction that referenced the objects failed, but a failure of the COMMIT itself (the
+        connection dropped while committing) leaves its outcome unknown: objects whose rows exist stay, and
+        if the database cannot be asked, all stay (`sweep_orphans` removes real orphans later).
+        """
+        if not self.written:
+            return
+        try:
+            committed = set(Blob.objects.filter(key__in=self.written).values_list("key", flat=True))
+        except DatabaseError:
+            log.warning(
+                "kept %d model-store objects of a failed transaction: the database is unreachable", len(self.written)
+            )
+            self.written.clear()
+            return
         storage = get_model_storage()
         for key in self.written:
-            storage.delete(key)
+            if key not in committed:
+                storage.delete(key)
         self.written.clear()
 
 
 @contextmanager
 def staged_blobs() -> Iterator[BlobWriter]:
-    """Yield a writer whose objects are removed again if the block raises."""
+    """Yield a writer whose objects are removed again if the block raises (see `BlobWriter.discard`)."""
     writer = BlobWriter()
     try:
         yield writer

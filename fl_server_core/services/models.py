@@ -221,11 +221,15 @@ def parse_metrics(names: Sequence[str], values: Sequence[Any]) -> list[tuple[str
         key = str(name).strip()
         if not key or len(key) > 256:
             raise InvalidInputError("metric_names: every name must be 1 to 256 characters long.")
+        if "\x00" in key:
+            raise InvalidInputError("metric_names: names must not contain NUL characters.")
         if hasattr(value, "read"):
             pairs.append((key, value.read()))
             continue
         try:
             number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            number = float("inf")
         except (TypeError, ValueError):
             raise InvalidInputError(f"metric_values: {value!r} (for {key!r}) is not a number.") from None
         if number != number or number in (float("inf"), float("-inf")):

@@ -1,5 +1,6 @@
 """Creating trainings and managing their participants."""
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from uuid import UUID
@@ -21,6 +22,10 @@ from fl_server_core.selectors import can_manage_model
 from fl_server_core.services.models import copy_global_model
 
 FINISHED_STATES = (TrainingState.COMPLETED, TrainingState.ERROR)
+MAX_ROUNDS = 1_000_000  # target_num_updates, times daisy_chain_period
+MAX_ROUND_TIMEOUT_SECONDS = 10**9  # about 31 years: a deadline must stay a date
+MAX_UNCERTAINTY_SAMPLES = 1000  # forward passes per inference request
+MAX_OPTIONS_DEPTH = 32
 
 
 def _positive_int(options: Mapping[str, Any], key: str, path: str = "options") -> None:
@@ -31,11 +36,30 @@ def _positive_int(options: Mapping[str, Any], key: str, path: str = "options") -
 
 def _number(options: Mapping[str, Any], key: str, low: float, high: float | None, low_open: bool) -> None:
     value = options[key]
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    ok = ok and not isinstance(value, bool)
     ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
     if not ok:
         bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
         raise InvalidInputError(f"options.{key} must be a number {bound}, got {value!r}.")
+
+
+def _check_storable(options: dict[str, Any]) -> None:
+    """Plain JSON that every database stores: no NUL character (PostgreSQL), no NaN or infinity, bounded depth."""
+    pending: list[tuple[Any, str, int]] = [(options, "options", 0)]
+    while pending:
+        value, path, depth = pending.pop()
+        if depth > MAX_OPTIONS_DEPTH:
+            raise InvalidInputError(f"options are nested more than {MAX_OPTIONS_DEPTH} levels deep.")
+        if isinstance(value, str) and "\x00" in value:
+            raise InvalidInputError(f"{path} must not contain NUL characters.")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidInputError(f"{path} must not be NaN or infinite.")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                pending += [(key, f"{path} (a key)", depth), (item, f"{path}.{key}", depth + 1)]
+        elif isinstance(value, list):
+            pending += [(item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value)]
 
 
 def _boolean(options: Mapping[str, Any], key: str, path: str = "options") -> None:
@@ -49,10 +73,11 @@ def validate_options(options: Any) -> dict[str, Any]:
         return {}
     if not isinstance(options, dict):
         raise InvalidInputError("options must be a JSON object.")
+    _check_storable(options)
     checks = {
         "daisy_chain_period": lambda: _positive_int(options, "daisy_chain_period"),
         "min_participants": lambda: _positive_int(options, "min_participants"),
-        "round_timeout_seconds": lambda: _number(options, "round_timeout_seconds", 0, None, True),
+        "round_timeout_seconds": lambda: _number(options, "round_timeout_seconds", 0, MAX_ROUND_TIMEOUT_SECONDS, True),
         "client_fraction": lambda: _number(options, "client_fraction", 0, 1, True),
         "proximal_mu": lambda: _number(options, "proximal_mu", 0, None, False),
         "skip_model_tests": lambda: _boolean(options, "skip_model_tests"),
@@ -68,6 +93,8 @@ def validate_options(options: Any) -> dict[str, Any]:
         raise InvalidInputError("options.uncertainty must be a JSON object.")
     if "N" in uncertainty:
         _positive_int(uncertainty, "N", "options.uncertainty")
+        if uncertainty["N"] > MAX_UNCERTAINTY_SAMPLES:
+            raise InvalidInputError(f"options.uncertainty.N must be at most {MAX_UNCERTAINTY_SAMPLES}.")
     if "softmax" in uncertainty:
         _boolean(uncertainty, "softmax", "options.uncertainty")
     return dict(options)
@@ -103,6 +130,8 @@ def create_training(
     options = validate_options(options)
     participants = users_by_id(clients)
     period = options.get("daisy_chain_period", 1)
+    if target_num_updates * period > MAX_ROUNDS:
+        raise InvalidInputError(f"target_num_updates times options.daisy_chain_period must be at most {MAX_ROUNDS}.")
     # the kind follows this training (a model left SWAG by an earlier training is plain again)
     kind = ModelKind.SWAG if uncertainty_method == UncertaintyMethod.SWAG else ModelKind.GLOBAL
     with transaction.atomic():

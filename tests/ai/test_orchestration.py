@@ -21,13 +21,15 @@ from typing import Any
 
 import pytest
 import torch
+from django.db import OperationalError
 from django.utils import timezone
 from rest_framework.test import APIClient
 from safetensors.torch import load as load_safetensors
 
-from fl_server_ai import trainer
+from fl_server_ai import tasks, trainer
 from fl_server_ai.aggregation import sample_clients, weighted_mean
 from fl_server_ai.tasks import tick
+from fl_server_ai.trainer import uploads
 from fl_server_core import signals
 from fl_server_core.models import (
     DeliveryState,
@@ -762,6 +764,36 @@ def test_corrupt_accumulator_fails_the_training_at_the_last_upload(actor, pull_c
     training.refresh_from_db()
     assert training.state == "E"
     assert training.error_reason.startswith("Aggregation of round")
+
+
+def test_database_error_while_folding_an_update_is_retryable_and_keeps_the_training_running(
+    monkeypatch, actor, pull_clients, client_for, make_training
+):
+    training = make_training(actor, pull_clients, start=True, options=SKIP_TESTS)
+    upload_round(training, pull_clients[:1], client_for, 0)
+    store = get_model_storage().keys()
+
+    def connection_lost(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(uploads, "fold_into_round", connection_lost)
+    response = post_update(client_for(pull_clients[1]), training.model_id, 0, shifted_weights(8, 0.2), 20)
+    assert response.status_code == 503, response.json()  # the database failed, not the round's sum
+    assert response["Retry-After"]
+    training.refresh_from_db()
+    assert training.state == "O"
+    assert current_round(training).arrivals.count() == 1
+    assert get_model_storage().keys() == store
+
+    monkeypatch.undo()
+    upload_round(training, pull_clients[1:], client_for, 0, seed=1)
+    assert TrainingRound.objects.get(training=training, number=0).state == RoundState.DONE
+
+
+def test_fire_and_forget_tasks_keep_no_result():
+    """Dispatching them must not depend on the result store (an outage would block every dispatch)."""
+    assert all(task.ignore_result for task in (tasks.close_round, tasks.deliver_notifications, tasks.tick))
+    assert not tasks.run_inference.ignore_result  # the web process waits for it
 
 
 def test_corrupt_accumulator_fails_the_training_when_the_deadline_closes_the_round(

@@ -329,3 +329,22 @@ def test_sweep_removes_only_old_unreferenced_objects():
     assert sorted(storage.keys()) == sorted([referenced.key, young, "legacy/no-timestamp"])
     call_command("sweep_model_store", "--grace-seconds", "0")
     assert sorted(storage.keys()) == sorted([referenced.key, "legacy/no-timestamp"])
+
+
+@pytest.mark.django_db
+def test_a_failed_block_removes_its_objects_but_keeps_those_whose_rows_committed():
+    from fl_server_core.services.blobs import staged_blobs
+
+    storage = get_model_storage()
+    with pytest.raises(RuntimeError), staged_blobs() as blobs, transaction.atomic():
+        rolled_back = blobs.put("models/x/weights", b"rolled back").key
+        raise RuntimeError("refused inside the transaction")
+    assert not storage.exist(rolled_back)
+
+    # The error surfaces after the commit went through (a connection dropped while committing).
+    with pytest.raises(RuntimeError), staged_blobs() as blobs:
+        with transaction.atomic():
+            committed = blobs.put("models/x/weights", b"committed").key
+        raise RuntimeError("the answer to COMMIT was lost")
+    assert Blob.objects.filter(key=committed).exists()
+    assert storage.get(committed) == b"committed"

@@ -4,8 +4,11 @@ Two modes, picked from the environment:
 
 - **worker** (``DATABASE_URL`` names PostgreSQL): ``manage.py runserver`` with the production
   profile, a ``celery worker --pool=solo`` and a ``celery beat`` (the periodic check), all on the
-  test database pytest-django created, a Redis database of their own (claimed per xdist worker and
-  flushed) and one filesystem model store in a temporary directory.
+  test database pytest-django created, a broker of their own and one filesystem model store in a
+  temporary directory. The broker is a private ``redis-server`` per xdist worker when the binary is
+  on the PATH (a test can stop and restart it without disturbing the others); otherwise, or when
+  ``FL_IT_REDIS_URL`` names a Redis, a database of that shared Redis (claimed per xdist worker and
+  flushed).
 - **embedded** (SQLite, the default ``make test``): ``manage.py runserver`` with the embedded
   profile on a SQLite file: tasks run on the server's background threads and the periodic check in
   process, exactly as ``make run`` runs.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,9 +43,10 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import HTTP_TIMEOUT, Account, Api, Database, SimClient, Stack
+from tests.integration.harness import HTTP_TIMEOUT, Account, Api, Database, RedisBroker, SimClient, Stack
 
 REDIS_URL = os.environ.get("FL_IT_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_SERVER = None if os.environ.get("FL_IT_REDIS_URL") else shutil.which("redis-server")
 REDIS_CLAIM_KEY = "fl-integration-suite-owner"
 
 
@@ -124,21 +129,27 @@ def fl_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     (tmp / "data").mkdir()
     env = _base_env(tmp)
     redis_client = None
+    broker = None
     if is_worker_mode():
         request.getfixturevalue("django_db_setup")  # the test database exists and is migrated
         from django.conf import settings
 
         settings_dict = settings.DATABASES["default"]
-        try:
-            redis_client, db_number = _claim_redis_db()
-        except Exception as error:
-            pytest.skip(f"worker mode needs Redis at {REDIS_URL}: {type(error).__name__}: {error}")
+        if REDIS_SERVER:
+            broker = RedisBroker(REDIS_SERVER, tmp, env).start()
+            broker_url = broker.url
+        else:
+            try:
+                redis_client, db_number = _claim_redis_db()
+            except Exception as error:
+                pytest.skip(f"worker mode needs Redis at {REDIS_URL}: {type(error).__name__}: {error}")
+            broker_url = f"{REDIS_URL}/{db_number}"
         env.update(
             {
                 "DJANGO_SETTINGS_MODULE": "fl_server.settings.production",
                 "DATABASE_URL": _postgres_url(settings_dict),
-                "CELERY_BROKER_URL": f"{REDIS_URL}/{db_number}",
-                "CELERY_RESULT_BACKEND": f"{REDIS_URL}/{db_number}",
+                "CELERY_BROKER_URL": broker_url,
+                "CELERY_RESULT_BACKEND": broker_url,
                 "CELERY_TASK_ALWAYS_EAGER": "false",
                 # inference inputs of more than 100 values run on the worker
                 "FL_INFERENCE_WORKER_THRESHOLD": "100",
@@ -155,7 +166,7 @@ def fl_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
             "host": settings_dict.get("HOST") or "127.0.0.1",
             "port": settings_dict.get("PORT") or "5432",
         }
-        stack = Stack("worker", tmp, env, Database("postgresql", pg=pg))
+        stack = Stack("worker", tmp, env, Database("postgresql", pg=pg), broker)
     else:
         sqlite_path = tmp / "data" / "db.sqlite3"
         env.update(

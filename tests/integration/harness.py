@@ -1,12 +1,15 @@
 """Support code of the integration suite: the server stack as real processes, and simulated FL clients.
 
-The server, the Celery worker and Celery beat are separate processes and everything goes over HTTP
-(plus read-only SQL for the few facts the API does not expose, such as how many weight versions a
-round left). The only server code used in the test process is the pure reference `weighted_mean`.
+The server, the Celery worker and Celery beat (and their private Redis broker) are separate processes
+and everything goes over HTTP (plus read-only SQL for the few facts the API does not expose, such as
+how many weight versions a round left). The only server code used in the test process is the pure
+reference `weighted_mean`. For fault injection a test can stop the broker, put a proxy between a
+server and PostgreSQL (`PostgresProxy`), and give clients endpoints that hang or refuse connections.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
@@ -101,6 +104,7 @@ class Service:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
         self.name, self.argv, self.env, self.log_path = name, argv, env, log_path
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ready: Callable[[], None] = lambda: None  # waits until the started process serves
 
     def start(self) -> Service:
         """Start the process (its output goes to the log file)."""
@@ -165,6 +169,130 @@ class Service:
         self.proc.wait(10)
 
 
+class RedisBroker(Service):
+    """A private `redis-server` without persistence, the broker of one stack: a test may stop and restart it.
+
+    A restart loses whatever the broker held (queued tasks, results), like a crashed broker.
+    """
+
+    READY = "Ready to accept connections"
+
+    def __init__(self, binary: str, tmp: Path, env: dict[str, str]) -> None:
+        self.binary, self.dir, self.port = binary, tmp, 0
+        super().__init__("redis broker", [], env, tmp / "redis.log")
+
+    @property
+    def url(self) -> str:
+        """The broker's URL (database 0)."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisBroker:
+        """Start (on a free port, or again on its port after a stop) and wait until it accepts connections."""
+        restart = self.port != 0  # the stack knows this port: it must not change
+        for _attempt in range(1 if restart else 3):
+            self.port = self.port or free_port()
+            self.argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+            self.argv += ["--appendonly", "no", "--dir", str(self.dir)]
+            offset = len(self.log_text())
+            super().start()
+            try:
+                self.wait_for_log(self.READY, 30, since=offset)
+                return self
+            except RuntimeError:  # the port was taken meanwhile: try another
+                if restart:
+                    raise
+                self.port = 0
+        raise RuntimeError(f"the Redis broker did not start:\n{self.tail()}")
+
+
+def _read_exactly(stream: io.BufferedReader, size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError
+    return data
+
+
+class PostgresProxy:
+    """A TCP proxy in front of PostgreSQL that can drop a connection right after a COMMIT went through.
+
+    Once armed (`cut_next_commit`), the next COMMIT a client sends is passed on, PostgreSQL's answer is
+    awaited (the transaction is committed) and held back, and both sides are closed: the client sees its
+    connection drop during COMMIT and cannot tell whether it committed. It reads the client's messages,
+    so clients must connect unencrypted (`sslmode=disable`, `gssencmode=disable`).
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.armed = threading.Event()
+        self.cut = threading.Event()  # set once a connection was dropped after its COMMIT
+        threading.Thread(target=self._accept, name="fl-it-pg-proxy", daemon=True).start()
+
+    def cut_next_commit(self) -> None:
+        """Arm: drop the connection that sends the next COMMIT, after PostgreSQL executed it."""
+        self.cut.clear()
+        self.armed.set()
+
+    def close(self) -> None:
+        """Accept no more connections (those open end with their clients)."""
+        self.listener.close()
+
+    def _accept(self) -> None:
+        """Connect each client to PostgreSQL through two forwarding threads."""
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.target)
+            except OSError:
+                return
+            held = threading.Event()
+            threading.Thread(target=self._forward_client, args=(client, server, held), daemon=True).start()
+            threading.Thread(target=self._forward_server, args=(server, client, held), daemon=True).start()
+
+    def _forward_client(self, client: socket.socket, server: socket.socket, held: threading.Event) -> None:
+        """Pass the client's messages on, one by one (type byte, length, payload; the startup message has no type)."""
+        try:
+            with client.makefile("rb") as stream:
+                size = _read_exactly(stream, 4)
+                server.sendall(size + _read_exactly(stream, int.from_bytes(size, "big") - 4))
+                while True:
+                    head = _read_exactly(stream, 5)
+                    body = _read_exactly(stream, int.from_bytes(head[1:], "big") - 4)
+                    if head[:1] == b"Q" and body.startswith(b"COMMIT") and self.armed.is_set():
+                        self.armed.clear()
+                        held.set()  # before sending: everything PostgreSQL answers from now on is held back
+                    server.sendall(head + body)
+        except (OSError, EOFError, ValueError):
+            pass
+        finally:
+            self._close(client, server)
+
+    def _forward_server(self, server: socket.socket, client: socket.socket, held: threading.Event) -> None:
+        """Pass PostgreSQL's answers on, except the answer to an armed COMMIT: then close both sides."""
+        answer = b""
+        try:
+            while data := server.recv(65536):
+                if not held.is_set():
+                    client.sendall(data)
+                    continue
+                answer += data
+                if b"Z\x00\x00\x00\x05" in answer:  # ReadyForQuery: the COMMIT is done
+                    self.cut.set()
+                    return
+        except OSError:
+            pass
+        finally:
+            self._close(client, server)
+
+    @staticmethod
+    def _close(*sockets: socket.socket) -> None:
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
 @dataclass
 class Database:
     """Read-only SQL access to the server's database, for facts the API does not expose."""
@@ -197,6 +325,10 @@ class Database:
         finally:
             conn.close()
 
+    def blob_keys(self) -> set[str]:
+        """Keys of every `Blob` row (the model-store objects the database knows)."""
+        return {key for (key,) in self.rows("SELECT key FROM fl_server_core_blob")}
+
     def weight_versions(self, model_id: str) -> dict[int, int]:
         """Round -> number of WeightsVersion rows of a global model."""
         found = self.rows(
@@ -209,8 +341,11 @@ class Database:
 class Stack:
     """The server (and in worker mode its Celery worker and beat) as real processes."""
 
-    def __init__(self, mode: str, tmp: Path, env: dict[str, str], database: Database) -> None:
+    def __init__(
+        self, mode: str, tmp: Path, env: dict[str, str], database: Database, broker: RedisBroker | None = None
+    ) -> None:
         self.mode, self.tmp, self.env, self.db = mode, tmp, env, database
+        self.broker = broker  # started by the caller (its URL is in `env`); stopped with the stack
         self.secret = env["FL_NOTIFICATION_SECRET"].encode()
         self.url = ""
         self.server: Service | None = None
@@ -220,8 +355,8 @@ class Stack:
 
     @property
     def services(self) -> list[Service]:
-        """The processes started so far."""
-        return [s for s in (self.server, self.worker, self.beat) if s is not None]
+        """The processes started so far (the broker first)."""
+        return [s for s in (self.broker, self.server, self.worker, self.beat) if s is not None]
 
     def start(self) -> None:
         """Start everything and wait until it serves (server answers HTTP, worker is ready)."""
@@ -244,26 +379,35 @@ class Stack:
             self.wait_worker_ready()
 
     def _start_server(self) -> None:
+        self.server, self.url = self._server_service("server", self.env, "server.log")
+
+    def _server_service(self, name: str, env: dict[str, str], log_name: str) -> tuple[Service, str]:
+        """A started `runserver` that answers HTTP, and its URL."""
         for _attempt in range(3):
             port = free_port()
             argv = [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"]
-            self.server = Service("server", argv, self.env, self.tmp / "server.log").start()
-            self.url = f"http://127.0.0.1:{port}"
+            server = Service(name, argv, env, self.tmp / log_name).start()
+            url = f"http://127.0.0.1:{port}"
             try:
-                wait_until(self._server_answers, 90, "the server to answer HTTP", interval=0.2)
-                return
+                wait_until(lambda s=server, u=url: self._answers(s, u), 90, f"the {name} to answer HTTP", interval=0.2)
+                return server, url
             except (AssertionError, RuntimeError):
-                if self.server.alive():
+                if server.alive():
                     raise
-        raise RuntimeError(f"the server did not start:\n{self.server.tail()}")
+        raise RuntimeError(f"the {name} did not start:\n{server.tail()}")
 
-    def _server_answers(self) -> bool:
-        if self.server is None or not self.server.alive():
-            raise RuntimeError(f"the server exited:\n{self.server.tail() if self.server else ''}")
+    @staticmethod
+    def _answers(server: Service, url: str) -> bool:
+        if not server.alive():
+            raise RuntimeError(f"the {server.name} exited:\n{server.tail()}")
         try:
-            return http().get(f"{self.url}/api/users/myself/", timeout=2).status_code in (401, 403)
+            return http().get(f"{url}/api/users/myself/", timeout=2).status_code in (401, 403)
         except requests.RequestException:
             return False
+
+    def extra_server(self, **env: str) -> tuple[Service, str]:
+        """A second web process of the stack with some environment overridden, and its URL; the caller stops it."""
+        return self._server_service("extra server", {**self.env, **env}, "server-extra.log")
 
     def _worker_service(self, log_name: str) -> tuple[Service, int]:
         self._workers_started += 1
@@ -285,18 +429,22 @@ class Stack:
         assert self.worker is not None
         self.worker.wait_for_log(" ready.", 90, since=self._worker_log_offset)
 
-    def extra_worker(self) -> Service:
-        """A second worker (scaled out); the caller stops it."""
+    def extra_worker(self, wait: bool = True) -> Service:
+        """A second worker (scaled out); the caller stops it. Without `wait`, `ready()` waits until it serves."""
         service, offset = self._worker_service("worker-extra.log")
         service.name = "extra celery worker"
-        service.wait_for_log(" ready.", 90, since=offset)
+        service.ready = lambda: service.wait_for_log(" ready.", 90, since=offset)
+        if wait:
+            service.ready()
         return service
 
     def ensure_running(self) -> None:
-        """Restart whatever died (a test may have killed the worker)."""
+        """Restart whatever died (a test may have killed the worker or stopped the broker)."""
         for service in self.services:
             if not service.alive():
-                if service is self.worker:
+                if service is self.broker:
+                    self.broker.start()
+                elif service is self.worker:
                     self.start_worker()
                 else:
                     raise RuntimeError(f"{service.name} died:\n{service.tail()}")
@@ -305,6 +453,19 @@ class Stack:
         """Stop every process (bounded waits)."""
         for service in reversed(self.services):
             service.stop()
+
+    def sweep_model_store(self, grace_seconds: float = 0) -> list[str]:
+        """Run `manage.py sweep_model_store` as the server would; the keys it removed."""
+        argv = [sys.executable, "manage.py", "sweep_model_store", f"--grace-seconds={grace_seconds}"]
+        done = subprocess.run(argv, cwd=REPO, env=self.env, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+        lines = done.stdout.decode().splitlines()
+        return [line.removeprefix("removed ") for line in lines if line.startswith("removed ")]
+
+    def store_files(self) -> set[str]:
+        """Every file in the filesystem model store, relative to its root (unfinished temp files included)."""
+        root = Path(self.env["FL_MODEL_STORE_PATH"])
+        return {path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file()}
 
     def logs(self, lines: int = 40) -> str:
         """The tails of every log, for failure reports."""
@@ -526,13 +687,18 @@ class Delivery:
 
 
 class Endpoint:
-    """The client's `message_endpoint`: a local HTTP server that verifies signatures and records deliveries."""
+    """The client's `message_endpoint`: a local HTTP server that verifies signatures and records deliveries.
 
-    def __init__(self, secret: bytes, status: int = 200, delay: float = 0.0) -> None:
-        self.secret, self.status, self.delay = secret, status, delay
+    `hang`: the first this many requests are recorded but never answered (a hung client): they are held
+    open until the endpoint closes, so the server gives up at its timeout.
+    """
+
+    def __init__(self, secret: bytes, status: int = 200, delay: float = 0.0, hang: int = 0) -> None:
+        self.secret, self.status, self.delay, self.hang = secret, status, delay, hang
         self.deliveries: list[Delivery] = []
         self.inbox: queue.Queue[Delivery] = queue.Queue()
         self.lock = threading.Lock()
+        self.closed = threading.Event()
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -549,6 +715,13 @@ class Endpoint:
                 delivery = Delivery(payload, event_id, hmac.compare_digest(signature, expected), True, received_at)
                 with endpoint.lock:
                     endpoint.deliveries.append(delivery)
+                    hung = endpoint.hang > 0
+                    if hung:
+                        endpoint.hang -= 1
+                if hung:
+                    endpoint.closed.wait()
+                    self.close_connection = True
+                    return
                 time.sleep(endpoint.delay)  # a slow client
                 self.send_response(endpoint.status)
                 self.send_header("Content-Type", "application/json")
@@ -573,7 +746,8 @@ class Endpoint:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/notifications/"
 
     def close(self) -> None:
-        """Stop serving."""
+        """Stop serving (hung requests are dropped unanswered); later connections are refused."""
+        self.closed.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -582,6 +756,7 @@ class SimClient:
     """A simulated FL client that reacts to notifications, pushed to its endpoint or pulled from the events API.
 
     behaviour: "train" (downloads, trains, uploads, reports test metrics), "silent" (receives, never uploads).
+    endpoint_status, endpoint_delay, endpoint_hang: how its endpoint answers (see Endpoint).
     """
 
     def __init__(
@@ -594,11 +769,12 @@ class SimClient:
         behaviour: str = "train",
         endpoint_status: int = 200,
         endpoint_delay: float = 0.0,
+        endpoint_hang: int = 0,
         record_global: bool = False,
     ) -> None:
         self.api, self.index, self.behaviour, self.push = api, index, behaviour, push
         self.record_global = record_global
-        self.endpoint = Endpoint(secret, endpoint_status, endpoint_delay) if push else None
+        self.endpoint = Endpoint(secret, endpoint_status, endpoint_delay, endpoint_hang) if push else None
         fields: dict[str, Any] = {"client": True}
         if self.endpoint is not None:
             fields["message_endpoint"] = self.endpoint.url
