@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,14 +42,16 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from benchmarks.aggregation import max_abs_diff
 from fl_client.demo.run import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 PASSWORD = "benchmark-password"
-WIDTH = 100
+WIDTH = 100  # inputs of the benchmark model's layers
 COMPLETED = "C"  # the training state's wire value
-TOLERANCE = 1e-5  # of the final weights against the expected mean  # inputs of the benchmark model's layers
+TOLERANCE = 1e-5  # of the final weights against the expected mean
+CONNECT_RETRIES = 3  # a request whose connection is refused or reset is sent again (and counted)
 
 
 class WideNet(torch.nn.Module):
@@ -434,6 +436,7 @@ class Fleet:
     arrivals: list[Arrival] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     finished: set[int] = field(default_factory=set)
+    connection_retries: int = 0  # requests sent again after a refused or reset connection
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -453,12 +456,21 @@ class Fleet:
         """One request as client `client` (or anonymous for -1), recorded; an unexpected status is an error."""
         headers = {"Authorization": f"Token {self.tokens[client]}"} if client >= 0 else {}
         started = time.monotonic()
-        try:
-            response = self._session().request(method, self.server + path, headers=headers, timeout=600, **kwargs)
-        except requests.RequestException as error:
-            with self._lock:
-                self.errors.append(f"client {client} {what}: {type(error).__name__}: {error}")
-            raise
+        for attempt in range(CONNECT_RETRIES + 1):
+            try:
+                response = self._session().request(method, self.server + path, headers=headers, timeout=600, **kwargs)
+                break
+            except requests.ConnectionError as error:  # refused or reset: what real clients retry
+                with self._lock:
+                    if attempt == CONNECT_RETRIES:
+                        self.errors.append(f"client {client} {what}: {type(error).__name__}: {error}")
+                        raise
+                    self.connection_retries += 1
+                time.sleep(0.2 * (attempt + 1))
+            except requests.RequestException as error:
+                with self._lock:
+                    self.errors.append(f"client {client} {what}: {type(error).__name__}: {error}")
+                raise
         ended = time.monotonic()
         with self._lock:
             self.requests.append(Request(client, what, response.status_code, started, ended, sent))
@@ -565,13 +577,6 @@ def final_weights(server: str, token: str, model_id: str) -> dict[str, torch.Ten
 def safetensors_bytes(weights: dict[str, torch.Tensor]) -> bytes:
     """The bytes of a safetensors file of `weights` (float32)."""
     return save_safetensors({k: v.float().contiguous() for k, v in weights.items()})
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Largest elementwise difference (names must agree)."""
-    if set(a) != set(b):
-        raise ValueError(f"different tensor names: {sorted(a)} vs {sorted(b)}")
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
 @dataclass
@@ -681,36 +686,78 @@ def round_starts(arrivals: list[Arrival]) -> list[tuple[str, int, float, float]]
     return sorted(found, key=lambda item: item[2])
 
 
-def add_stack_options(parser: argparse.ArgumentParser) -> None:
-    """The options that pick the profile the server runs."""
+def parser_for(name: str, doc: str, clients: int, params: int) -> argparse.ArgumentParser:
+    """The command-line options of a live benchmark (`python -m benchmarks.<name>`)."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=clients, help="simulated clients")
+    parser.add_argument("--rounds", type=int, default=3, help="update rounds")
+    parser.add_argument("--params", type=int, default=params, help="float32 parameters (a multiple of 400)")
     parser.add_argument("--database-url", help="PostgreSQL URL: run the production profile on it (with --broker-url)")
     parser.add_argument("--broker-url", help="Celery broker URL (Redis or RabbitMQ) of the production profile")
+    parser.add_argument("--compare-embedded", action="store_true", help="also run the embedded profile")
     parser.add_argument("--web-workers", type=int, default=4, help="gunicorn worker processes (production)")
     parser.add_argument("--celery-workers", type=int, default=2, help="Celery worker processes (production)")
     parser.add_argument("--threads", type=int, default=32, help="client-side threads reacting to notifications")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds the training may take")
     parser.add_argument("--json", type=Path, help="write the JSON report to this file")
+    return parser
 
 
-def stack_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of `run_training` that the stack options give (a usage error if they conflict)."""
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse and check the options (usage errors exit with status 2)."""
+    args = parser.parse_args(argv)
+    if args.clients < 1 or args.rounds < 1:
+        parser.error("--clients and --rounds must be at least 1")
     if bool(args.database_url) != bool(args.broker_url):
         parser.error("--database-url and --broker-url go together (the production profile needs both)")
-    if getattr(args, "compare_embedded", False) and not args.database_url:
+    if args.compare_embedded and not args.database_url:
         parser.error("--compare-embedded needs the production options --database-url and --broker-url")
-    return {
+    return args
+
+
+def run_profiles(
+    args: argparse.Namespace, options: dict[str, Any], measure: Callable[[Outcome], dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Run the training on the profile asked for (and the embedded one after it with --compare-embedded)."""
+    stack = {
         "database_url": args.database_url,
         "broker_url": args.broker_url,
         "web_workers": args.web_workers,
         "celery_workers": args.celery_workers,
-        "threads": args.threads,
-        "timeout": args.timeout,
     }
+    profiles = [stack, {**stack, "database_url": None, "broker_url": None}] if args.compare_embedded else [stack]
+    results: dict[str, dict[str, Any]] = {}
+    for profile in profiles:
+        outcome = run_training(
+            clients=args.clients,
+            params=args.params,
+            rounds=args.rounds,
+            options=options,
+            threads=args.threads,
+            timeout=args.timeout,
+            **profile,
+        )
+        results[outcome.profile] = measure(outcome)
+        print(f"{outcome.profile}: {outcome.seconds:.1f} s, {len(outcome.errors)} errors", flush=True)
+    return results
 
 
-def write_report(report: dict[str, Any], path: Path | None) -> None:
-    """Print the JSON report and write it to `path`."""
+def main(
+    argv: Sequence[str] | None,
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    print_table: Callable[[dict[str, Any]], None],
+) -> int:
+    """Run a live benchmark, print its table and JSON report; exit status 1 if it failed or saw errors."""
+    args = parse(parser, argv)
+    try:
+        report = run(args)
+    except Exception as error:
+        print(f"benchmark failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    print_table(report)
     text = json.dumps(report, indent=2)
     print(text)
-    if path is not None:
-        path.write_text(text + "\n")
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    return 0 if report["errors"] == 0 else 1

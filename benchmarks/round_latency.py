@@ -25,8 +25,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks import live
 from benchmarks.aggregation import machine_description
-from benchmarks.live import MIB, Outcome, add_stack_options, run_training, stack_options, write_report
+from benchmarks.live import MIB, Outcome, run_profiles
 
 TARGET_SECONDS = 0.5
 
@@ -63,6 +64,7 @@ def measure(outcome: Outcome, rounds: int) -> dict[str, Any]:
         "training_seconds": round(outcome.seconds, 2),
         "server_peak_rss_mib": outcome.server_peak_mib,
         "max_abs_diff_vs_expected": outcome.max_abs_diff_vs_expected,
+        "connection_retries": outcome.fleet.connection_retries,
         "errors": len(outcome.errors),
         "error_samples": outcome.errors[:20],
         "profile": outcome.description,
@@ -71,17 +73,7 @@ def measure(outcome: Outcome, rounds: int) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the training on each profile asked for; the JSON report (the first profile's numbers on top)."""
-    options = {"skip_model_tests": True}
-    kwargs = args.stack
-    profiles = [kwargs]
-    if args.compare_embedded:
-        profiles.append({**kwargs, "database_url": None, "broker_url": None})
-    results: dict[str, Any] = {}
-
-    for profile in profiles:
-        outcome = run_training(clients=args.clients, params=args.params, rounds=args.rounds, options=options, **profile)
-        results[outcome.profile] = measure(outcome, args.rounds)
-        print(f"{outcome.profile}: {results[outcome.profile]['close_latency_s']}", flush=True)
+    results = run_profiles(args, {"skip_model_tests": True}, lambda outcome: measure(outcome, args.rounds))
     first = next(iter(results.values()))
     return {
         "benchmark": "round_latency",
@@ -120,32 +112,10 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"  {name} error: {line}")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command-line options."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.round_latency", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=int, default=10_000_000, help="float32 parameters (a multiple of 400)")
-    parser.add_argument("--clients", type=int, default=10, help="simulated clients")
-    parser.add_argument("--rounds", type=int, default=3, help="update rounds")
-    parser.add_argument("--compare-embedded", action="store_true", help="also run the embedded profile")
-    add_stack_options(parser)
-    args = parser.parse_args(argv)
-    if args.clients < 1 or args.rounds < 1:
-        parser.error("--clients and --rounds must be at least 1")
-    args.stack = stack_options(parser, args)
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; exit status 1 if the benchmark failed or saw errors."""
-    args = parse_args(argv)
-    try:
-        report = run(args)
-    except Exception as error:
-        print(f"benchmark failed: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
-    print_table(report)
-    write_report(report, args.json)
-    return 0 if report["errors"] == 0 else 1
+    parser = live.parser_for("round_latency", __doc__ or "", clients=10, params=10_000_000)
+    return live.main(argv, parser, run, print_table)
 
 
 if __name__ == "__main__":

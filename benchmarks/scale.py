@@ -10,6 +10,8 @@ test metric. Reported: wall time per round (from the round's start notification 
 next round's, or TRAINING_FINISHED), client requests per second over the whole training, the notifications
 received, the server's peak memory (PSS summed over its processes), and every error (must be 0: any response
 other than the expected status, a bad signature, a training not ending COMPLETED or wrong final weights).
+A request whose connection is refused or reset is sent again, as real clients do, up to 3 times; such
+retries are counted and reported separately.
 
 `--compare-embedded` (with the production options) runs the embedded profile too, in the same run.
 """
@@ -21,8 +23,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks import live
 from benchmarks.aggregation import machine_description
-from benchmarks.live import Outcome, add_stack_options, round_starts, run_training, stack_options, write_report
+from benchmarks.live import Outcome, round_starts, run_profiles
 
 LABELS = {"UPDATE_ROUND_START": "update", "MODEL_TEST_ROUND": "test", "SWAG_ROUND_START": "swag"}
 
@@ -47,6 +50,7 @@ def measure(outcome: Outcome) -> dict[str, Any]:
         "notifications": outcome.notifications,
         "server_peak_rss_mib": outcome.server_peak_mib,
         "max_abs_diff_vs_expected": outcome.max_abs_diff_vs_expected,
+        "connection_retries": outcome.fleet.connection_retries,
         "errors": len(errors),
         "error_samples": errors[:20],
         "profile": outcome.description,
@@ -55,15 +59,7 @@ def measure(outcome: Outcome) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the training on each profile asked for; the JSON report (the first profile's numbers on top)."""
-    kwargs = args.stack
-    profiles = [kwargs]
-    if args.compare_embedded:
-        profiles.append({**kwargs, "database_url": None, "broker_url": None})
-    results: dict[str, Any] = {}
-    for profile in profiles:
-        outcome = run_training(clients=args.clients, params=args.params, rounds=args.rounds, options={}, **profile)
-        results[outcome.profile] = measure(outcome)
-        print(f"{outcome.profile}: {outcome.seconds:.1f} s, {results[outcome.profile]['errors']} errors", flush=True)
+    results = run_profiles(args, {}, measure)
     first = next(iter(results.values()))
     return {
         "benchmark": "scale",
@@ -94,38 +90,15 @@ def print_table(report: dict[str, Any]) -> None:
         print(
             f"  training {r['training_seconds']:.1f} s, {r['requests']} requests ({r['requests_per_s']:.1f}/s), "
             f"{r['notifications']} notifications, server peak {r['server_peak_rss_mib']:.0f} MiB, "
-            f"errors {r['errors']}"
+            f"errors {r['errors']}, connections retried {r['connection_retries']}"
         )
         for line in r["error_samples"]:
             print(f"  error: {line}")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command-line options."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=200, help="simulated clients")
-    parser.add_argument("--rounds", type=int, default=3, help="update rounds")
-    parser.add_argument("--params", type=int, default=4000, help="float32 parameters (a multiple of 400)")
-    parser.add_argument("--compare-embedded", action="store_true", help="also run the embedded profile")
-    add_stack_options(parser)
-    args = parser.parse_args(argv)
-    if args.clients < 1 or args.rounds < 1:
-        parser.error("--clients and --rounds must be at least 1")
-    args.stack = stack_options(parser, args)
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; exit status 1 if the benchmark failed or saw errors."""
-    args = parse_args(argv)
-    try:
-        report = run(args)
-    except Exception as error:
-        print(f"benchmark failed: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
-    print_table(report)
-    write_report(report, args.json)
-    return 0 if report["errors"] == 0 else 1
+    return live.main(argv, live.parser_for("scale", __doc__ or "", clients=200, params=4000), run, print_table)
 
 
 if __name__ == "__main__":
