@@ -98,6 +98,25 @@ def assert_created(response: requests.Response, what: str) -> None:
     assert response.status_code == 201, f"{what}: {brief(response)}"
 
 
+def finish_two_rounds(
+    fl: Session,
+    training_id: str,
+    model_id: str,
+    clients: list[SimClient],
+    chain: list[dict[str, torch.Tensor]],
+    waiting_for: str,
+) -> None:
+    """Once round 0 is aggregated, every client uploads round 1; the training must end with the exact weights."""
+    wait_until(lambda: fl.api.training(fl.actor, training_id)["round"] == 1, WAIT_SECONDS, waiting_for)
+    for client in clients:
+        assert_created(upload(fl, client, model_id, 1, chain[1]), f"client {client.index} in round 1")
+    done = fl.api.wait_training(fl.actor, training_id, {"C", "E"})
+    assert done["state"] == "C", done["error_reason"]
+    assert_weights_equal(fl.api.weights(fl.actor, model_id, 1), chain[1], "round 0")
+    assert_weights_equal(fl.api.weights(fl.actor, model_id), chain[2], "final weights")
+    assert_counted_once(fl, training_id, model_id, clients, 2)
+
+
 @contextlib.contextmanager
 def promptly(what: str, seconds: float = 15.0) -> Iterator[None]:
     """The block (a request) must not hang on the fault: it ends within `seconds` (normally well under one)."""
@@ -145,19 +164,9 @@ def test_broker_restart_mid_round_loses_no_task_no_notification_and_no_update(fl
         assert_created(upload(fl, clients[2], model_id, 0, chain[0]), "last upload while the broker is down")
     assert fl.api.rounds(fl.actor, training_id)[0]["state"] == "CLOSING"
     broker.start()
-    wait_until(
-        lambda: fl.api.training(fl.actor, training_id)["round"] == 1,
-        WAIT_SECONDS,
-        "the round closed during the outage to be aggregated after the broker came back",
+    finish_two_rounds(
+        fl, training_id, model_id, clients, chain, "the round closed during the outage to be aggregated afterwards"
     )
-    for client in clients:
-        assert_created(upload(fl, client, model_id, 1, chain[1]), f"client {client.index} in round 1")
-    done = fl.api.wait_training(fl.actor, training_id, {"C", "E"})
-    assert done["state"] == "C", done["error_reason"]
-
-    assert_weights_equal(fl.api.weights(fl.actor, model_id, 1), chain[1], "round 0 aggregated after the outage")
-    assert_weights_equal(fl.api.weights(fl.actor, model_id), chain[2], "final weights")
-    assert_counted_once(fl, training_id, model_id, clients, 2)
     for client in clients:
         assert client.finished.wait(15), f"client {client.index} was not told the training finished"
         ids = [int(d.event_id) for d in client.deliveries]
@@ -255,19 +264,9 @@ def test_database_connection_dropped_mid_upload_and_mid_aggregation_is_retried_a
         audit.assert_consistent()
         assert_created(upload(fl, clients[2], model_id, 0, chain[0]), "retry of the last upload")
         drop_connection_waiting_on(fl, 'INSERT INTO "fl_server_core_weightsversion"')
-    wait_until(
-        lambda: fl.api.training(fl.actor, training_id)["round"] == 1,
-        WAIT_SECONDS,
-        "the aggregation whose connection dropped to be retried",
+    finish_two_rounds(
+        fl, training_id, model_id, clients, chain, "the aggregation whose connection dropped to be retried"
     )
-    for client in clients:
-        assert_created(upload(fl, client, model_id, 1, chain[1]), f"client {client.index} in round 1")
-    done = fl.api.wait_training(fl.actor, training_id, {"C", "E"})
-    assert done["state"] == "C", done["error_reason"]
-
-    assert_weights_equal(fl.api.weights(fl.actor, model_id, 1), chain[1], "round 0")
-    assert_weights_equal(fl.api.weights(fl.actor, model_id), chain[2], "final weights")
-    assert_counted_once(fl, training_id, model_id, clients, 2)
     audit.assert_consistent()
 
 
